@@ -260,7 +260,7 @@ class SerqWeights:
     B: np.ndarray  # uint8
     scales: np.ndarray  # float32 [N, K_ext / group_w]
     wsum: np.ndarray  # int32 [N, K_ext / block]
-    residual: np.ndarray  # float32 [K, N]: the main weight before quantization
+    residual: np.ndarray | None  # float32 [K, N]: the main weight before quantization
     R: np.ndarray  # float32 [r, N]: dequantized salient correction
 
     def initializers(self) -> dict:
@@ -272,44 +272,54 @@ def block_sums(codes_nk: np.ndarray, block: int) -> np.ndarray:
     return codes_nk.astype(np.int32).reshape(N, Kx // block, block).sum(axis=2).astype(np.int32)
 
 
-def build_serq_weights(w_hat: np.ndarray, layout: Layout, main_codes=None, main_scales=None):
-    """SERQ offline weight construction from the flattened, permuted weight ``W^: [K, N]``.
+def salient_split(w_hat: np.ndarray, rank: int, bits_w: int):
+    """SERQ's single-factor reconstruction: ``R = Qw_R(W^[:r])`` with one scale per column.
 
-    ``R = Qw_R(W^[:r])`` (one scale per column); the main weight is ``W^`` with its first r rows
-    replaced by ``W^[:r] - R``, quantized in groups of ``group_w`` (round to nearest unless
-    ``main_codes``/``main_scales`` are supplied, e.g. by GPTQ).
+    Returns ``(r_codes int8 [r, N], r_scale float32 [N], residual float32 [K, N])`` where the
+    residual is ``W^`` with its first r rows replaced by ``W^[:r] - deq(R)``: the main weight
+    carries what R could not represent, so both quantization errors meet in one GEMM.
     """
+    w_hat = np.asarray(w_hat, dtype=np.float32)
+    residual = w_hat.copy()
+    N = w_hat.shape[1]
+    if rank == 0:
+        return np.zeros((0, N), np.int8), np.ones(N, np.float32), residual
+    r_codes, r_scale = quantize_weight(w_hat[:rank], bits_w, 0)
+    residual[:rank] = w_hat[:rank] - dequantize_weight(r_codes, r_scale, 0)
+    return r_codes, r_scale[0], residual
+
+
+def assemble_weights(layout: Layout, main_codes: np.ndarray, main_scales: np.ndarray,
+                     r_codes: np.ndarray, r_scale: np.ndarray) -> SerqWeights:
+    """Lay out main codes ``[K, N]`` (scales ``[K_pad/group_w, N]``) and R codes ``[r, N]``
+    (scale ``[N]``) as the op's ``B``, ``scales`` and ``wsum``."""
+    L = layout
+    if main_codes.shape != (L.K, L.N) or r_codes.shape != (L.rank, L.N):
+        raise ContractError(f"codes {main_codes.shape}/{r_codes.shape} do not fit {L}")
+    codes = np.zeros((L.N, L.K_ext), dtype=np.int8)
+    codes[:, : L.K] = main_codes.T
+    codes[:, L.K_pad : L.K_pad + L.rank] = r_codes.T
+    n_main, n_r = L.K_pad // L.group_w, L.r_pad // L.group_w
+    scales = np.empty((L.N, n_main + n_r), dtype=np.float32)
+    scales[:, :n_main] = main_scales.T
+    scales[:, n_main:] = np.asarray(r_scale, np.float32)[:, None]
+    deq_r = r_codes.astype(np.float32) * np.asarray(r_scale, np.float32)[None, :]
+    return SerqWeights(layout=L, B=pack_weight_codes(codes, L.bits_w),
+                       scales=np.ascontiguousarray(scales), wsum=block_sums(codes, L.block),
+                       residual=None, R=deq_r)
+
+
+def build_serq_weights(w_hat: np.ndarray, layout: Layout) -> SerqWeights:
+    """SERQ offline weights from the flattened, permuted weight ``W^: [K, N]`` (RTN main)."""
     L = layout
     w_hat = np.asarray(w_hat, dtype=np.float32)
     if w_hat.shape != (L.K, L.N):
         raise ContractError(f"weight shape {w_hat.shape} != (K, N) = ({L.K}, {L.N})")
-    r = L.rank
-    residual = w_hat.copy()
-    if r:
-        r_codes, r_scale = quantize_weight(w_hat[:r], L.bits_w, 0)
-        R = dequantize_weight(r_codes, r_scale, 0)
-        residual[:r] = w_hat[:r] - R
-    else:
-        r_codes = np.zeros((0, L.N), np.int8)
-        r_scale = np.ones((1, L.N), np.float32)
-        R = np.zeros((0, L.N), np.float32)
-    if main_codes is None:
-        main_codes, main_scales = quantize_weight(residual, L.bits_w, L.group_w)
-    codes = np.zeros((L.N, L.K_ext), dtype=np.int8)
-    codes[:, : L.K] = main_codes.T
-    codes[:, L.K_pad : L.K_pad + r] = r_codes.T
-    n_main, n_r = L.K_pad // L.group_w, L.r_pad // L.group_w
-    scales = np.empty((L.N, n_main + n_r), dtype=np.float32)
-    scales[:, :n_main] = main_scales.T
-    scales[:, n_main:] = r_scale[0][:, None]
-    return SerqWeights(
-        layout=L,
-        B=pack_weight_codes(codes, L.bits_w),
-        scales=np.ascontiguousarray(scales),
-        wsum=block_sums(codes, L.block),
-        residual=residual,
-        R=R,
-    )
+    r_codes, r_scale, residual = salient_split(w_hat, L.rank, L.bits_w)
+    main_codes, main_scales = quantize_weight(residual, L.bits_w, L.group_w)
+    wts = assemble_weights(L, main_codes, main_scales, r_codes, r_scale)
+    wts.residual = residual
+    return wts
 
 
 def effective_weight(wts: SerqWeights) -> np.ndarray:

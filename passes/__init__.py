@@ -1,0 +1,27 @@
+"""Graph passes of the SERQ conversion, one per module, run in order by ``serq_onnx.converter``.
+
+Each is an ``onnx_ir`` in-place pass over the model; the passes share a
+:class:`serq_onnx.plan.Plan` (targets, calibration statistics, quantized weights).
+"""
+
+from .calibrate import CalibratePass
+from .cleanup import CleanupPass
+from .find_targets import FindTargetsPass
+from .fold_flattening import FoldFlatteningPass
+from .permute_weights import PermuteWeightsPass
+from .quantize import QuantizeWeightsPass
+from .replace_matmul import ReplaceMatMulPass
+from .salient import SalientReconstructionPass
+from .verify_fold import VerifyFoldPass
+
+__all__ = [
+    "CalibratePass",
+    "CleanupPass",
+    "FindTargetsPass",
+    "FoldFlatteningPass",
+    "PermuteWeightsPass",
+    "QuantizeWeightsPass",
+    "ReplaceMatMulPass",
+    "SalientReconstructionPass",
+    "VerifyFoldPass",
+]

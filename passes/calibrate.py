@@ -1,0 +1,101 @@
+"""Calibration: per-channel absmax of every target group's input, through onnxruntime.
+
+Each group input gets ``ReduceMax(Abs(Reshape(x, [-1, K])), axis 0)`` as an extra graph output,
+so a forward pass returns only ``[K]`` vectors per group and memory stays flat however many
+calibration tokens are streamed through.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from serq_onnx.errors import SerqError
+from serq_onnx.feeds import causal_lm_feeds
+from serq_onnx.modelio import save_model
+from serq_onnx.plan import Plan
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
+
+
+def _stat_nodes(value: ir.Value, K: int, index: int, opset: int) -> tuple[list[ir.Node], ir.Value]:
+    prefix = f"serq_calib/{index}"
+    shape = ir.Value(name=f"{prefix}/shape", const_value=ir.tensor(np.array([-1, K], np.int64)))
+    flat = ir.node("Reshape", [value, shape], name=f"{prefix}/Reshape",
+                   outputs=[ir.Value(name=f"{prefix}/flat")])
+    absv = ir.node("Abs", [flat.outputs[0]], name=f"{prefix}/Abs",
+                   outputs=[ir.Value(name=f"{prefix}/abs")])
+    out = ir.Value(name=f"{prefix}/absmax", shape=ir.Shape([K]),
+                   type=ir.TensorType(value.dtype or ir.DataType.FLOAT))
+    if opset >= 18:
+        axes = ir.Value(name=f"{prefix}/axes", const_value=ir.tensor(np.array([0], np.int64)))
+        red = ir.node("ReduceMax", [absv.outputs[0], axes], attributes={"keepdims": 0},
+                      name=f"{prefix}/ReduceMax", outputs=[out])
+        inits = [shape, axes]
+    else:
+        red = ir.node("ReduceMax", [absv.outputs[0]], attributes={"keepdims": 0, "axes": [0]},
+                      name=f"{prefix}/ReduceMax", outputs=[out])
+        inits = [shape]
+    return [flat, absv, red], out, inits
+
+
+class CalibratePass(ir.passes.InPlacePass):
+    """Set ``group.absmax`` for every group from the float model on ``sequences``."""
+
+    def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True):
+        super().__init__()
+        self.plan = plan
+        self.sequences = sequences
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnxruntime as ort
+
+        if not self.sequences:
+            raise SerqError("no calibration sequences: give a longer --calib text or lower "
+                            "--calib-seqlen")
+        graph = model.graph
+        opset = _opset(model)
+        added_nodes, added_inits, stat_outputs = [], [], []
+        for i, group in enumerate(self.plan.groups):
+            nodes, out, inits = _stat_nodes(group.value, group.K, i, opset)
+            added_nodes += nodes
+            added_inits += inits
+            stat_outputs.append(out)
+        for v in added_inits:
+            graph.register_initializer(v)
+        graph.extend(added_nodes)
+        graph.outputs.extend(stat_outputs)
+        try:
+            with tempfile.TemporaryDirectory(prefix="serq-calib-") as tmp:
+                path = Path(tmp) / "calib.onnx"
+                save_model(model, path)
+                so = ort.SessionOptions()
+                so.log_severity_level = 3
+                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        finally:
+            for _ in stat_outputs:
+                graph.outputs.pop()
+            graph.remove(added_nodes, safe=True)
+            for v in added_inits:
+                graph.initializers.pop(v.name)
+        names = [v.name for v in stat_outputs]
+        inputs = sess.get_inputs()
+        absmax = [np.zeros(g.K, np.float32) for g in self.plan.groups]
+        for seq in tqdm(self.sequences, desc="calibrating", unit="seq", disable=not self.progress):
+            outs = sess.run(names, causal_lm_feeds(inputs, seq))
+            for acc, o in zip(absmax, outs):
+                np.maximum(acc, o, out=acc)
+        for group, a in zip(self.plan.groups, absmax):
+            if not np.all(np.isfinite(a)):
+                raise SerqError(f"calibration saw NaN or infinite activations at {group.name}: "
+                                "the float model itself overflows on this text")
+            group.absmax = a
+        return ir.passes.PassResult(model, modified=False)

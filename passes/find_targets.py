@@ -1,0 +1,129 @@
+"""Find the decoder's linear layers and group them by the activation they read.
+
+Matching is structural (a ``MatMul`` whose second input is a 2-D float initializer), so it does
+not depend on exporter naming; names only label the targets. ``lm_head`` (the MatMul producing a
+graph output) is left in float, as are embeddings and attention.
+"""
+
+from __future__ import annotations
+
+import re
+
+import onnx_ir as ir
+
+from serq_onnx.errors import SerqError
+from serq_onnx.plan import InputGroup, Plan, Target
+
+_ROLE = re.compile(r"(q|k|v|o|gate|up|down)_proj")
+_LAYER = re.compile(r"layers[./](\d+)")
+_NORM_OPS = {"SimplifiedLayerNormalization", "RMSNormalization", "SkipSimplifiedLayerNormalization"}
+_FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    return (value is not None and value.const_value is not None
+            and len(value.const_value.shape) == 2 and value.const_value.dtype in _FLOAT)
+
+
+def _label(node: ir.Node, index: int) -> tuple[str, str, int]:
+    name = node.name or ""
+    role_m, layer_m = _ROLE.search(name), _LAYER.search(name)
+    role = role_m.group(1) if role_m else f"linear{index}"
+    layer = int(layer_m.group(1)) if layer_m else -1
+    section = "self_attn" if role in ("q", "k", "v", "o") else "mlp" if role_m else "linear"
+    label = f"layers.{layer}.{section}.{role}_proj" if role_m else (name or f"matmul{index}")
+    return label, role, layer
+
+
+def constant_of(value: ir.Value | None) -> ir.Value | None:
+    """The initializer behind ``value``, looking through ``Identity`` (exporters dedupe equal
+    initializers that way)."""
+    while value is not None and value.const_value is None:
+        p = value.producer()
+        if p is None or p.op_type != "Identity":
+            return None
+        value = p.inputs[0]
+    return value
+
+
+def _gamma_index(producer: ir.Node, K: int) -> int | None:
+    """Index of the 1-D ``[K]`` constant input (RMSNorm's gamma) of the norm's last node."""
+    if producer.op_type in _NORM_OPS and producer.domain in ("", "ai.onnx", "com.microsoft"):
+        cand = [1] if len(producer.inputs) > 1 else []
+    elif producer.op_type == "Mul":
+        cand = range(len(producer.inputs))
+    else:
+        return None
+    for i in cand:
+        c = constant_of(producer.inputs[i])
+        if c is not None and tuple(c.const_value.shape) == (K,):
+            return i
+    return None
+
+
+def _silu_input(value: ir.Value) -> ir.Value | None:
+    """``g`` if ``value`` is ``g * Sigmoid(g)``, else None."""
+    p = value.producer()
+    if p is None or p.op_type != "Mul" or len(p.inputs) != 2:
+        return None
+    a, b = p.inputs
+    for x, y in ((a, b), (b, a)):
+        q = y.producer() if y is not None else None
+        if q is not None and q.op_type == "Sigmoid" and q.inputs[0] is x:
+            return x
+    return None
+
+
+class FindTargetsPass(ir.passes.InPlacePass):
+    """Fill ``plan.groups``; raise a clear error if the graph has nothing to convert."""
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        outputs = set(graph.outputs)
+        by_input: dict[ir.Value, list[Target]] = {}
+        for i, node in enumerate(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            if not _is_weight(node.inputs[1]) or node.outputs[0] in outputs:
+                continue
+            if node.inputs[1].const_value.dtype != ir.DataType.FLOAT:
+                raise SerqError(f"{node.name}: only float32 models are supported; export with "
+                                "float32 weights (Optimum's default --dtype fp32)")
+            K, N = (int(d) for d in node.inputs[1].const_value.shape)
+            label, role, layer = _label(node, i)
+            by_input.setdefault(node.inputs[0], []).append(
+                Target(node=node, name=label, role=role, layer=layer, K=K, N=N))
+        if not by_input:
+            raise SerqError("no linear layers found: the model has no MatMul with a 2-D float "
+                            "weight initializer (is it an Optimum export of a decoder LM?)")
+        outputs_of = {t.node.outputs[0]: t for ts in by_input.values() for t in ts}
+        groups = []
+        for value, targets in by_input.items():
+            groups.append(self._group(value, targets, outputs_of))
+        self.plan.groups = groups
+        return ir.passes.PassResult(model, modified=False)
+
+    @staticmethod
+    def _group(value: ir.Value, targets: list[Target], outputs_of: dict) -> InputGroup:
+        K = targets[0].K
+        producer = value.producer()
+        # Shape/Size read only the shape, which flattening and permutation keep.
+        consumers = {u.node for u in value.uses() if u.node.op_type not in ("Shape", "Size")}
+        only_targets = consumers == {t.node for t in targets}
+        if producer is not None and only_targets:
+            index = _gamma_index(producer, K)
+            if index is not None:
+                return InputGroup(value=value, kind="norm", targets=targets, gamma_index=index)
+            if producer.op_type == "Mul" and len(producer.inputs) == 2:
+                a, b = producer.inputs
+                for x, y in ((a, b), (b, a)):
+                    up, g = outputs_of.get(y), _silu_input(x)
+                    gate = outputs_of.get(g) if g is not None else None
+                    if up is not None and gate is not None and up.K == gate.K and up.N == K == gate.N:
+                        return InputGroup(value=value, kind="mlp_act", targets=targets,
+                                          gate=gate, up=up)
+        return InputGroup(value=value, kind="runtime", targets=targets)

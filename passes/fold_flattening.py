@@ -1,0 +1,119 @@
+"""Static activation flattening and saliency order, folded into producers where exact.
+
+For a group with per-channel absmax ``s`` the layers must see ``X^ = (X / s)[..., pi]`` with
+``pi = argsort(s, descending)``. Where the producer allows it the division is folded into a
+float initializer (RMSNorm's gamma; the up projection's columns), and the permutation into the
+gate and up columns; whatever cannot be folded becomes a run-time ``Gather``/``Mul`` in front of
+the layers, which ``ReplaceMatMulPass`` later absorbs into ``SerqMatMul``'s ``act_perm`` and
+``act_scale`` inputs. The graph stays a float graph that computes the original function, which
+``VerifyFoldPass`` checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from serq_onnx.plan import InputGroup, Plan, initializer_array, set_initializer
+
+from .find_targets import constant_of
+
+RUNTIME_KEY = "serq.runtime"
+
+
+def flatten_scales(absmax: np.ndarray, floor: float) -> np.ndarray:
+    """``s`` with a floor relative to its maximum, so no channel divides by ~0."""
+    a = np.asarray(absmax, np.float32)
+    top = float(a.max()) if a.size else 1.0
+    return np.maximum(a, np.float32(floor * top if top > 0 else 1.0)).astype(np.float32)
+
+
+def saliency_order(s: np.ndarray) -> np.ndarray:
+    return np.argsort(-s, kind="stable").astype(np.int64)
+
+
+def _only_used_by(value: ir.Value, nodes: set) -> bool:
+    return {u.node for u in value.uses() if u.node.op_type not in ("Shape", "Size")} <= nodes
+
+
+class FoldFlatteningPass(ir.passes.InPlacePass):
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg = self.plan.config
+        for group in self.plan.groups:
+            K = group.K
+            if not cfg.flattens:
+                group.s = np.ones(K, np.float32)
+                group.perm = np.arange(K, dtype=np.int64)
+                continue
+            if group.absmax is None:
+                raise RuntimeError("FoldFlatteningPass needs calibration statistics")
+            group.s = flatten_scales(group.absmax, cfg.scale_floor)
+            group.perm = saliency_order(group.s)
+        # Column folds change the gate/up weights of *other* groups; row transforms of those
+        # weights happen later (PermuteWeightsPass), and the two commute.
+        for group in self.plan.groups:
+            if cfg.flattens:
+                self._fold(model.graph, group)
+        return ir.passes.PassResult(model, modified=cfg.flattens)
+
+    def _fold(self, graph: ir.Graph, group: InputGroup) -> None:
+        inv = (np.float32(1) / group.s).astype(np.float32)
+        static_scale = static_perm = False
+        if group.kind == "norm":
+            # A fresh initializer per norm: gamma may be shared (deduplicated) with other norms.
+            norm = group.value.producer()
+            old = norm.inputs[group.gamma_index]
+            gamma = initializer_array(constant_of(old))
+            new = ir.Value(name=f"{old.name}.serq_flat.{group.name}",
+                           const_value=ir.tensor((gamma.astype(np.float32) * inv).astype(gamma.dtype)))
+            graph.register_initializer(new)
+            norm.replace_input_with(group.gamma_index, new)
+            static_scale = True
+            group.folded.append("scale->gamma")
+        elif group.kind == "mlp_act" and self._mlp_foldable(group):
+            up_w = initializer_array(group.up.weight) * inv[None, :]
+            set_initializer(graph, group.up.weight, up_w[:, group.perm])
+            gate_w = initializer_array(group.gate.weight)
+            set_initializer(graph, group.gate.weight, gate_w[:, group.perm])
+            static_scale = static_perm = True
+            group.folded += ["scale->up", "perm->gate,up"]
+        if static_perm and static_scale:
+            return
+        x = group.value
+        new_nodes = []
+        if not static_perm:
+            perm = ir.Value(name=f"serq/{group.name}/act_perm", const_value=ir.tensor(group.perm))
+            graph.register_initializer(perm)
+            node = ir.node("Gather", [x, perm], attributes={"axis": -1},
+                           name=f"serq/{group.name}/Gather",
+                           outputs=[ir.Value(name=f"serq/{group.name}/permuted")])
+            node.metadata_props[RUNTIME_KEY] = "perm"
+            new_nodes.append(node)
+            x = node.outputs[0]
+        if not static_scale:
+            sc = ir.Value(name=f"serq/{group.name}/act_scale",
+                          const_value=ir.tensor(inv[group.perm]))
+            graph.register_initializer(sc)
+            node = ir.node("Mul", [x, sc], name=f"serq/{group.name}/Mul",
+                           outputs=[ir.Value(name=f"serq/{group.name}/scaled")])
+            node.metadata_props[RUNTIME_KEY] = "scale"
+            new_nodes.append(node)
+            x = node.outputs[0]
+        first = min((t.node for t in group.targets), key=lambda n: list(graph).index(n))
+        graph.insert_before(first, new_nodes)
+        for t in group.targets:
+            t.node.replace_input_with(0, x)
+
+    @staticmethod
+    def _mlp_foldable(group: InputGroup) -> bool:
+        product = group.value.producer()
+        up_out, gate_out = group.up.node.outputs[0], group.gate.node.outputs[0]
+        silu_nodes = {u.node for u in gate_out.uses()}
+        return (_only_used_by(up_out, {product})
+                and len(group.up.weight.uses()) == 1 and len(group.gate.weight.uses()) == 1
+                and all(n.op_type in ("Sigmoid", "Mul") for n in silu_nodes)
+                and all(_only_used_by(n.outputs[0], {product} | silu_nodes) for n in silu_nodes))

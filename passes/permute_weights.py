@@ -1,0 +1,30 @@
+"""Move every target weight into flattened, saliency-ordered form: ``W^ = (diag(s) W)[pi]``.
+
+Together with the producer-side fold this leaves ``X W = X^ W^`` exactly (in real arithmetic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from serq_onnx.errors import SerqError
+from serq_onnx.plan import Plan, initializer_array, set_initializer
+
+
+class PermuteWeightsPass(ir.passes.InPlacePass):
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.plan.config.flattens:
+            return ir.passes.PassResult(model, modified=False)
+        for group in self.plan.groups:
+            for t in group.targets:
+                if len(t.weight.uses()) != 1:
+                    raise SerqError(f"{t.name}: its weight is shared with other nodes; "
+                                    "serq-onnx needs one weight per linear layer")
+                w = initializer_array(t.weight).astype(np.float32)
+                set_initializer(model.graph, t.weight, (group.s[:, None] * w)[group.perm])
+        return ir.passes.PassResult(model, modified=True)

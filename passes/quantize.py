@@ -1,0 +1,27 @@
+"""Quantize each residual main weight (round to nearest, groups along K) and pack the op inputs."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from serq_onnx import reference
+from serq_onnx.plan import Plan
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    def __init__(self, plan: Plan, progress: bool = True):
+        super().__init__()
+        self.plan = plan
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg = self.plan.config
+        for t in tqdm(self.plan.targets, desc="quantizing", unit="layer",
+                      disable=not self.progress):
+            layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
+                                      group_a=cfg.group_a, bits_w=cfg.bits_w, bits_a=cfg.bits_a)
+            codes, scales = reference.quantize_weight(t.residual, cfg.bits_w, cfg.group_w)
+            t.weights = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
+            t.residual = None  # the float copy is no longer needed
+        return ir.passes.PassResult(model, modified=False)

@@ -1,0 +1,58 @@
+"""Replace each target ``MatMul`` by one ``com.serq::SerqMatMul``.
+
+Run-time transforms left by ``FoldFlatteningPass`` in front of the layer (``Gather`` for the
+permutation, ``Mul`` for the scale) are absorbed as the op's ``act_perm``/``act_scale`` inputs, so
+the permutation and scaling fuse into activation quantization instead of running as float ops.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from serq_onnx import reference
+from serq_onnx.plan import Plan
+
+from .fold_flattening import RUNTIME_KEY
+
+
+def _absorb(x: ir.Value, kind: str) -> tuple[ir.Value, ir.Value | None]:
+    p = x.producer()
+    if p is not None and p.metadata_props.get(RUNTIME_KEY) == kind:
+        return p.inputs[0], p.inputs[1]
+    return x, None
+
+
+class ReplaceMatMulPass(ir.passes.InPlacePass):
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        scheme = "int"
+        for t in self.plan.targets:
+            x, act_scale = _absorb(t.node.inputs[0], "scale")
+            x, act_perm = _absorb(x, "perm")
+            w = t.weights
+            prefix = t.weight.name or t.name
+            inits = []
+            for key, arr in w.initializers().items():
+                v = ir.Value(name=f"{prefix}.serq_{key}", const_value=ir.tensor(arr))
+                graph.register_initializer(v)
+                inits.append(v)
+            inputs = [x, *inits, act_scale, act_perm]
+            while inputs[-1] is None:
+                inputs.pop()
+            old_out = t.node.outputs[0]
+            name = (t.node.name or t.name).replace("MatMul", "SerqMatMul")
+            new = ir.node(reference.OP_TYPE, inputs, attributes=w.layout.attributes(scheme),
+                          domain=reference.DOMAIN, version=reference.OP_VERSION, name=name,
+                          outputs=[ir.Value(shape=old_out.shape, type=old_out.type)])
+            graph.insert_before(t.node, new)
+            ir.convenience.replace_all_uses_with(old_out, new.outputs[0])
+            out_name = old_out.name
+            graph.remove(t.node, safe=True)
+            new.outputs[0].name = out_name
+            t.node = new
+        model.opset_imports[reference.DOMAIN] = reference.OP_VERSION
+        return ir.passes.PassResult(model, modified=True)

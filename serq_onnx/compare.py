@@ -1,0 +1,48 @@
+"""Running a causal LM on a few tokens and comparing two models' logits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .feeds import causal_lm_feeds
+
+
+@dataclass
+class LogitDiff:
+    max_abs: float
+    rel_rms: float  # rms(a - b) / rms(b)
+    top1_agree: float  # fraction of positions with the same argmax
+
+    def __str__(self) -> str:
+        return (f"max |diff| {self.max_abs:.3g}, relative rms {self.rel_rms:.3g}, "
+                f"top-1 agreement {self.top1_agree:.1%}")
+
+
+def cpu_session(path: str | os.PathLike, with_ops: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if with_ops:
+        from .library import session_options
+
+        so = session_options(so)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def logits(session, ids: np.ndarray) -> np.ndarray:
+    feeds = causal_lm_feeds(session.get_inputs(), ids)
+    name = "logits" if any(o.name == "logits" for o in session.get_outputs()) else \
+        session.get_outputs()[0].name
+    return session.run([name], feeds)[0].astype(np.float64)
+
+
+def diff(a: np.ndarray, b: np.ndarray) -> LogitDiff:
+    d = a - b
+    rms_b = float(np.sqrt(np.mean(b * b))) or 1.0
+    return LogitDiff(max_abs=float(np.abs(d).max()),
+                     rel_rms=float(np.sqrt(np.mean(d * d))) / rms_b,
+                     top1_agree=float(np.mean(a.argmax(-1) == b.argmax(-1))))

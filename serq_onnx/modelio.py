@@ -1,0 +1,42 @@
+"""Loading and saving models, with external data where protobuf's 2 GB limit requires it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from .errors import SerqError
+
+PROTOBUF_LIMIT = 1_800_000_000  # leave headroom below protobuf's 2 GiB
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    path = Path(path)
+    if not path.is_file():
+        raise SerqError(f"model file not found: {path}")
+    try:
+        return ir.load(path)
+    except Exception as err:  # onnx/protobuf raise many types for a corrupt file
+        raise SerqError(f"{path} is not a readable ONNX model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'parse error'})") from None
+
+
+def model_nbytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Save ``model``; large models get their initializers in ``<name>.data`` beside it.
+
+    Returns the files written.
+    """
+    path = Path(path)
+    if model_nbytes(model) > PROTOBUF_LIMIT:
+        data = path.name + ".data"
+        ir.save(model, path, external_data=data)
+        return [path, path.parent / data]
+    ir.save(model, path)
+    return [path]

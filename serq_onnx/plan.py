@@ -1,0 +1,134 @@
+"""What the passes share: the conversion settings and the targets they find and annotate.
+
+The graph itself carries every float transform (folded initializers, run-time Gather/Mul); the
+plan carries what is not graph structure: calibration statistics and the quantized weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from .errors import SerqError
+
+SCHEMES = {
+    # name: (bits_w, bits_a)
+    "w4a8": (4, 8),
+    "w4a4": (4, 4),
+}
+METHODS = ("serq", "rtn", "flatten")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """User-facing conversion settings (``serq-onnx convert`` flags)."""
+
+    scheme: str = "w4a8"
+    rank: int = 128
+    group_w: int = 128
+    group_a: int = 128
+    method: str = "serq"
+    scale_floor: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise SerqError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise SerqError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.rank < 0:
+            raise SerqError(f"--rank must be >= 0, got {self.rank}")
+        if self.group_w < 2 or self.group_w % 2:
+            raise SerqError(f"--group-w must be an even number >= 2, got {self.group_w}")
+        ga, gw = self.group_a, self.group_w
+        if ga < 0 or (ga and ga % gw and gw % ga):
+            raise SerqError(f"--group-a must be 0 (whole row), a multiple of --group-w ({gw}) "
+                            f"or a divisor of it, got {ga}")
+
+    @property
+    def bits_w(self) -> int:
+        return SCHEMES[self.scheme][0]
+
+    @property
+    def bits_a(self) -> int:
+        return SCHEMES[self.scheme][1]
+
+    @property
+    def flattens(self) -> bool:
+        return self.method in ("serq", "flatten")
+
+    @property
+    def effective_rank(self) -> int:
+        return self.rank if self.method == "serq" else 0
+
+
+@dataclass(eq=False)
+class Target:
+    """One linear layer to convert: ``MatMul(X, W)`` with ``W`` an initializer ``[K, N]``."""
+
+    node: ir.Node
+    name: str  # e.g. "layers.3.mlp.down_proj"
+    role: str  # q, k, v, o, gate, up, down
+    layer: int
+    K: int
+    N: int
+    weights: object | None = None  # reference.SerqWeights once quantized
+    r_codes: np.ndarray | None = None
+    r_scale: np.ndarray | None = None
+    residual: np.ndarray | None = None
+
+    @property
+    def weight(self) -> ir.Value:
+        return self.node.inputs[1]
+
+
+@dataclass(eq=False)
+class InputGroup:
+    """Targets that read the same activation, hence share one ``s``, one ``pi``.
+
+    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``SiLU(gate) * up``),
+    ``attn_out`` (attention output before o_proj).
+    """
+
+    value: ir.Value
+    kind: str
+    targets: list[Target]
+    gamma_index: int | None = None  # norm: which input of the producer is gamma
+    gate: Target | None = None  # mlp_act: the gate and up projections feeding it
+    up: Target | None = None
+    absmax: np.ndarray | None = None
+    s: np.ndarray | None = None
+    perm: np.ndarray | None = None
+    folded: list[str] = field(default_factory=list)  # what was folded statically, for reports
+
+    @property
+    def K(self) -> int:
+        return self.targets[0].K
+
+    @property
+    def name(self) -> str:
+        return "+".join(t.name for t in self.targets[:1]) + ".input"
+
+
+@dataclass(eq=False)
+class Plan:
+    config: ConvertConfig
+    groups: list[InputGroup] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[Target]:
+        return [t for g in self.groups for t in g.targets]
+
+
+def initializer_array(value: ir.Value) -> np.ndarray:
+    if value.const_value is None:
+        raise SerqError(f"{value.name} is expected to be an initializer")
+    return value.const_value.numpy()
+
+
+def set_initializer(graph: ir.Graph, value: ir.Value, array: np.ndarray) -> None:
+    """Replace ``value``'s data in place (keeps its name and every use)."""
+    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
