@@ -1,0 +1,96 @@
+"""``serq-onnx`` command line: convert, eval."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import SerqError
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="quantize an ONNX causal LM with SERQ",
+                       description="Convert an Optimum-exported causal LM: every decoder linear "
+                       "layer becomes one SerqMatMul (4-bit weights, 4/8-bit activations).")
+    p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"])
+    p.add_argument("--method", default="serq", choices=["serq", "rtn", "flatten"],
+                   help="serq (default); rtn: no flattening, no R; flatten: no R")
+    p.add_argument("--rank", type=int, default=128, help="salient channels r (default 128)")
+    p.add_argument("--group-w", type=int, default=128, help="weight group size along K")
+    p.add_argument("--group-a", type=int, default=128,
+                   help="activation group size (0: whole row)")
+    p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the converted model with the float one")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_convert)
+
+
+def _convert(args) -> int:
+    from .converter import convert
+
+    report = convert(args.model, args.output, scheme=args.scheme, rank=args.rank,
+                     group_w=args.group_w, group_a=args.group_a, method=args.method,
+                     calib=args.calib, calib_samples=args.calib_samples,
+                     calib_seqlen=args.calib_seqlen, verify=not args.no_verify,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of an ONNX causal LM (float or converted)")
+    p.add_argument("model_dir", type=Path, help="folder with model.onnx and tokenizer.json")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
+    p.add_argument("--ctx", type=int, default=1024, help="window length (non-overlapping)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_model_dir
+
+    result = evaluate_model_dir(args.model_dir, args.text, ctx=args.ctx,
+                                max_tokens=args.max_tokens, progress=not args.quiet)
+    print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serq-onnx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SerqError as err:
+        print(f"serq-onnx: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("serq-onnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: one line by default, the traceback on request
+        if os.environ.get("SERQ_DEBUG"):
+            traceback.print_exc()
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"serq-onnx: internal error: {type(err).__name__}: {first} "
+              "(set SERQ_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

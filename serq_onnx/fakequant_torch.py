@@ -1,0 +1,408 @@
+"""SERQ as PyTorch fake quantization of a Hugging Face Llama-family model.
+
+This is the second, independent implementation of the method (ARCHITECTURE.md section 1): it
+works on the PyTorch module tree rather than the ONNX graph and shares no code with the converter
+or with ``serq_onnx.reference``, so a converted ONNX model matching these logits is evidence that
+both got the method right rather than the same bug twice.
+
+Every quantizer is "fake": codes are computed exactly as the op defines them (float32, rounding
+half to even, activation range containing 0, scale 1 when the range is 0, partial last groups
+computed over their real elements) and immediately dequantized back to float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "TARGETS",
+    "SerqFakeQuantLinear",
+    "SerqLayerWeights",
+    "apply_serq_fakequant",
+    "build_layer_weights",
+    "calibrate_absmax",
+    "fake_quant_activations",
+    "fake_quant_weight",
+    "fakequant_logits",
+    "floor_scales",
+    "quantize_activations",
+    "quantize_weight",
+]
+
+# The linear layers of a decoder block that SERQ replaces (lm_head and embeddings stay float).
+TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+METHODS = ("serq", "flatten", "rtn")
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def _grouped(x: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """View the last dim of ``x`` as ``[G, g]``, zero-padding a partial last group.
+
+    Zero padding leaves every statistic used here unchanged (the activation range always
+    contains 0; the weight statistic is an absmax), so a partial group's scale is that of
+    its real elements.
+    """
+    K = x.shape[-1]
+    g = group if group else K
+    G = -(-K // g)
+    pad = G * g - K
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], G, g), K
+
+
+def quantize_activations(
+    x: torch.Tensor, bits: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic asymmetric per-token, per-group quantization over the last dim of ``x``.
+
+    Returns ``(q, scale, zero)`` as float32: ``q [..., K]`` integer codes in ``[0, 2^bits - 1]``,
+    ``scale`` and ``zero`` ``[..., G]``. A token row holding a NaN or infinity gets scale NaN,
+    so it dequantizes to NaN, as the op specifies.
+    """
+    x = x.to(torch.float32)
+    xg, K = _grouped(x, group)
+    qmax = float(2**bits - 1)
+    zero_t = torch.zeros((), dtype=torch.float32, device=x.device)
+    lo = torch.minimum(xg.amin(dim=-1), zero_t)
+    hi = torch.maximum(xg.amax(dim=-1), zero_t)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    q = torch.clamp(torch.round(xg / scale[..., None]) + zero[..., None], 0, qmax)
+    bad = ~torch.isfinite(x).all(dim=-1)
+    q = torch.nan_to_num(q, nan=0.0).reshape(*x.shape[:-1], -1)[..., :K]
+    zero = torch.nan_to_num(zero, nan=0.0)
+    scale = torch.where(bad[..., None], torch.full_like(scale, float("nan")), scale)
+    return q, scale, zero
+
+
+def dequantize_activations(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+) -> torch.Tensor:
+    K = q.shape[-1]
+    g = group if group else K
+    idx = torch.arange(K, device=q.device) // g
+    return (q - zero[..., idx]) * scale[..., idx]
+
+
+def fake_quant_activations(x: torch.Tensor, bits: Optional[int], group: int) -> torch.Tensor:
+    """``deq(Qa(x))`` in float32; ``bits=None`` disables the quantizer."""
+    if bits is None:
+        return x.to(torch.float32)
+    q, scale, zero = quantize_activations(x, bits, group)
+    return dequantize_activations(q, scale, zero, group)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization of ``w: [K, N]`` in groups of ``group`` rows.
+
+    ``group == 0``: one group over all rows (one scale per output column). Returns float32
+    ``(codes [K, N] in [-(2^(bits-1)-1), 2^(bits-1)-1], scale [G, N])``.
+    """
+    w = w.to(torch.float32)
+    K, N = w.shape
+    wg, _ = _grouped(w.T, group)  # [N, G, g]
+    qmax = float(2 ** (bits - 1) - 1)
+    scale = wg.abs().amax(dim=-1) / qmax  # [N, G]
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax)
+    codes = codes.reshape(N, -1)[:, :K].T.contiguous()
+    return codes, scale.T.contiguous()
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    K = codes.shape[0]
+    g = group if group else K
+    return codes * scale[torch.arange(K, device=codes.device) // g]
+
+
+def fake_quant_weight(w: torch.Tensor, bits: Optional[int], group: int) -> torch.Tensor:
+    """``deq(Qw(w))`` in float32; ``bits=None`` disables the quantizer."""
+    if bits is None:
+        return w.to(torch.float32).clone()
+    codes, scale = quantize_weight(w, bits, group)
+    return dequantize_weight(codes, scale, group)
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+@dataclass
+class SerqLayerWeights:
+    """Offline SERQ data of one linear layer, all float32 and dequantized.
+
+    ``X^ = (X * inv_s)[..., perm]``; ``Y = Qa(X^) @ w_main + Qa(X^)[..., :rank] @ R``.
+    ``w_hat`` is the exact flattened, permuted weight, kept for error analysis.
+    """
+
+    inv_s: torch.Tensor  # [K], in original channel order
+    perm: torch.Tensor  # [K] int64
+    w_hat: torch.Tensor  # [K, N]
+    w_main: torch.Tensor  # [K, N]
+    R: torch.Tensor  # [rank, N]
+
+    @property
+    def rank(self) -> int:
+        return int(self.R.shape[0])
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight applied to ``deq(Qa(X^))``: ``w_main + [R; 0]``."""
+        w = self.w_main.clone()
+        w[: self.rank] += self.R
+        return w
+
+
+def floor_scales(s: torch.Tensor, scale_floor: float) -> torch.Tensor:
+    """``max(s, floor * max(s))`` so that no channel is divided by ~0."""
+    s = s.to(torch.float32)
+    return torch.maximum(s, scale_floor * s.max())
+
+
+def build_layer_weights(
+    weight_kn: torch.Tensor,
+    s: Optional[torch.Tensor],
+    *,
+    rank: int,
+    bits_w: Optional[int],
+    group_w: int,
+) -> SerqLayerWeights:
+    """Flatten by ``s``, sort channels by descending ``s``, split off the salient ``R``.
+
+    ``weight_kn`` is ``[K, N]`` (``nn.Linear.weight.T``); ``s`` the floored per-input-channel
+    absmax, or None for no flattening and no permutation (plain round to nearest).
+    """
+    w = weight_kn.detach().to(torch.float32)
+    K, N = w.shape
+    if s is None:
+        s = torch.ones(K, dtype=torch.float32, device=w.device)
+        perm = torch.arange(K, device=w.device)
+    else:
+        s = s.detach().to(device=w.device, dtype=torch.float32)
+        perm = torch.argsort(-s, stable=True)
+    w_hat = (s[:, None] * w)[perm]
+    r = max(0, min(rank, K))
+    residual = w_hat.clone()
+    if r:
+        R = fake_quant_weight(w_hat[:r], bits_w, 0)
+        residual[:r] -= R
+    else:
+        R = w_hat.new_zeros((0, N))
+    w_main = fake_quant_weight(residual, bits_w, group_w)
+    return SerqLayerWeights(inv_s=1.0 / s, perm=perm, w_hat=w_hat, w_main=w_main, R=R)
+
+
+class SerqFakeQuantLinear(nn.Module):
+    """Drop-in replacement of an ``nn.Linear`` computing the SERQ layer in fake quantization."""
+
+    def __init__(
+        self,
+        lw: SerqLayerWeights,
+        bias: Optional[torch.Tensor],
+        *,
+        bits_a: Optional[int],
+        group_a: int,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = lw.w_main.shape
+        self.rank = lw.rank
+        self.bits_a = bits_a
+        self.group_a = group_a
+        self.register_buffer("inv_s", lw.inv_s.contiguous())
+        self.register_buffer("perm", lw.perm.contiguous())
+        self.register_buffer("w_main", lw.w_main.contiguous())
+        self.register_buffer("R", lw.R.contiguous())
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().to(torch.float32).clone()
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        s: Optional[torch.Tensor],
+        *,
+        bits_a: Optional[int] = 8,
+        bits_w: Optional[int] = 4,
+        rank: int = 128,
+        group_w: int = 128,
+        group_a: int = 128,
+    ) -> "SerqFakeQuantLinear":
+        lw = build_layer_weights(linear.weight.T, s, rank=rank, bits_w=bits_w, group_w=group_w)
+        return cls(lw, linear.bias, bits_a=bits_a, group_a=group_a)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``X^ = (X / s)[..., perm]`` in float32."""
+        return (x.to(torch.float32) * self.inv_s)[..., self.perm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = fake_quant_activations(self.transform_input(x), self.bits_a, self.group_a)
+        y = xq @ self.w_main
+        if self.rank:
+            y = y + xq[..., : self.rank] @ self.R
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bits_a={self.bits_a}, group_a={self.group_a}"
+        )
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError("model has no decoder layers at .model.layers")
+    return layers
+
+
+def _targets(model: nn.Module) -> dict[str, nn.Linear]:
+    """Full module name -> target nn.Linear, in model order."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, nn.Linear] = {}
+    for layer in _decoder_layers(model):
+        for t in TARGETS:
+            mod = layer.get_submodule(t)
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(f"{names[id(mod)]} is {type(mod).__name__}, not nn.Linear")
+            out[names[id(mod)]] = mod
+    return out
+
+
+def _as_sequences(ids) -> list[torch.Tensor]:
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(ids, dtype=torch.long)
+        if t.dim() == 1:
+            t = t[None]
+        return list(t)
+    return [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in ids]
+
+
+@torch.no_grad()
+def calibrate_absmax(
+    model: nn.Module, calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` of every target's input over all calibration tokens.
+
+    Runs the model as it is (float), one sequence at a time. Keys are full module names
+    (``model.layers.0.self_attn.q_proj``); values float32 ``[K]``, not floored.
+    """
+    targets = _targets(model)
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_mod, args):
+            x = args[0].detach().to(torch.float32)
+            m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
+            prev = stats.get(name)
+            stats[name] = m if prev is None else torch.maximum(prev, m)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for seq in _as_sequences(calib_ids):
+            model(input_ids=seq[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in targets if n not in stats]
+    if missing:
+        raise RuntimeError(f"calibration never reached {missing[:3]}")
+    return {n: stats[n].cpu() for n in targets}
+
+
+def apply_serq_fakequant(
+    model: nn.Module,
+    calib_ids: Union[torch.Tensor, Sequence[torch.Tensor], None],
+    *,
+    bits_a: Optional[int] = 8,
+    bits_w: Optional[int] = 4,
+    rank: int = 128,
+    group_w: int = 128,
+    group_a: int = 128,
+    method: str = "serq",
+    scale_floor: float = 1e-5,
+    absmax: Optional[dict[str, torch.Tensor]] = None,
+) -> nn.Module:
+    """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
+
+    ``method``: ``"serq"`` (flattening, permutation, salient ``R`` of ``rank`` rows),
+    ``"flatten"`` (the same without ``R``) or ``"rtn"`` (plain round to nearest: no flattening,
+    no permutation, no ``R``; needs no calibration). ``absmax`` reuses statistics from
+    :func:`calibrate_absmax` instead of running the calibration again. ``bits_a`` / ``bits_w``
+    None disable that quantizer. The model is converted to float32 and returned.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    model.float()
+    targets = _targets(model)
+    if method == "rtn":
+        scales: dict[str, Optional[torch.Tensor]] = {n: None for n in targets}
+    else:
+        if absmax is None:
+            if calib_ids is None:
+                raise ValueError(f"method {method!r} needs calib_ids or absmax")
+            absmax = calibrate_absmax(model, calib_ids)
+        scales = {n: floor_scales(absmax[n], scale_floor) for n in targets}
+    r = rank if method == "serq" else 0
+    for name, lin in targets.items():
+        new = SerqFakeQuantLinear.from_linear(
+            lin, scales[name], bits_a=bits_a, bits_w=bits_w, rank=r, group_w=group_w,
+            group_a=group_a,
+        ).to(lin.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def fakequant_logits(
+    hf_dir: Union[str, Path],
+    calib_ids: Union[torch.Tensor, Sequence[torch.Tensor], None],
+    eval_ids: Union[torch.Tensor, np.ndarray],
+    **kw,
+) -> np.ndarray:
+    """Load a Hugging Face causal LM in float32, fake-quantize it, return logits of ``eval_ids``.
+
+    ``eval_ids`` is ``[batch, seq]`` (no padding); the result is float32 ``[batch, seq, vocab]``.
+    Keyword arguments go to :func:`apply_serq_fakequant`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager")
+    model.float().eval()
+    apply_serq_fakequant(model, calib_ids, **kw)
+    ids = torch.as_tensor(np.asarray(eval_ids), dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    return logits.to(torch.float32).cpu().numpy()

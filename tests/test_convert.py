@@ -1,0 +1,132 @@
+"""The converter end to end on tiny Optimum-exported Llamas.
+
+The converted ONNX model is compared with an independent PyTorch fake-quant of the same algorithm
+(``serq_onnx.fakequant_torch``): both quantize the same way, so they must agree far more closely
+than either agrees with the float model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import serq_onnx
+from serq_onnx import compare
+from serq_onnx.converter import convert
+
+torch = pytest.importorskip("torch")
+from serq_onnx.fakequant_torch import fakequant_logits  # noqa: E402
+
+SETTINGS = dict(rank=32, group_w=32, group_a=32)
+
+
+def _ids(vocab: int, n: int, length: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=length, dtype=np.int64) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_llama):
+    import json
+
+    vocab = json.loads((tiny_llama.hf_dir / "config.json").read_text())["vocab_size"]
+    return _ids(vocab, 4, 64, seed=1), _ids(vocab, 1, 48, seed=2)[0]
+
+
+def _onnx_logits(path, ids):
+    return compare.logits(serq_onnx.session(path), ids)
+
+
+def _float_logits(path, ids):
+    return compare.logits(compare.cpu_session(path), ids)
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a4"])
+def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_path):
+    calib_ids, eval_ids = calib
+    report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
+                     progress=False, **SETTINGS)
+    out = tmp_path / "out" / "model.onnx"
+    got = _onnx_logits(out, eval_ids)
+    flt = _float_logits(tiny_llama.onnx_path, eval_ids)
+    bits_a = 8 if scheme == "w4a8" else 4
+    ref = fakequant_logits(tiny_llama.hf_dir, [torch.as_tensor(s) for s in calib_ids],
+                           torch.as_tensor(eval_ids)[None], bits_a=bits_a, bits_w=4,
+                           **SETTINGS)
+    ref = np.asarray(ref, np.float64).reshape(got.shape)
+    to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
+    # Same algorithm, independent code: differences come only from float rounding (a rare
+    # flipped rounding of a code), far below the quantization error itself.
+    assert to_ref.rel_rms < 0.1 * to_float.rel_rms, (to_ref, to_float)
+    assert to_ref.rel_rms < (2e-3 if scheme == "w4a8" else 2e-2), to_ref
+    assert to_ref.top1_agree >= 0.95
+    # And quantization is still close to float.
+    assert to_float.rel_rms < (0.1 if scheme == "w4a8" else 0.5), to_float
+    assert report.layers_converted == 14
+
+
+def test_converted_graph_structure(tiny_llama, calib, tmp_path):
+    calib_ids, _ = calib
+    convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids, progress=False,
+            **SETTINGS)
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    serq = [n for n in model.graph.node if n.op_type == "SerqMatMul"]
+    assert len(serq) == 2 * 7 and all(n.domain == "com.serq" for n in serq)
+    inits = {i.name for i in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert len(weighted) == 1 and "lm_head" in weighted[0].name  # lm_head stays float
+    assert any(o.domain == "com.serq" and o.version == 1 for o in model.opset_import)
+    # q/k/v and gate/up take their permutation at run time; down's is folded into gate/up.
+    by_name = {n.name: n for n in serq}
+    down = [n for n in serq if "down_proj" in n.name]
+    assert all(len(n.input) <= 4 for n in down)
+    qkv = [n for n in serq if "q_proj" in n.name]
+    assert all(len(n.input) == 6 and n.input[4] == "" and n.input[5] for n in qkv)
+    assert by_name
+    for name in ("config.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).is_file()
+    assert (tmp_path / "out" / "serq_config.json").is_file()
+
+
+def test_odd_hidden_size_converts_exactly(tiny_llama_odd, tmp_path):
+    """Hidden size not a multiple of the group size: partial last groups, no refusal."""
+    import json
+
+    vocab = json.loads((tiny_llama_odd.hf_dir / "config.json").read_text())["vocab_size"]
+    calib_ids, eval_ids = _ids(vocab, 3, 64, 5), _ids(vocab, 1, 40, 6)[0]
+    settings = dict(rank=64, group_w=64, group_a=64)
+    convert(tiny_llama_odd.onnx_path, tmp_path / "out", calib_ids=calib_ids, progress=False,
+            **settings)
+    got = _onnx_logits(tmp_path / "out" / "model.onnx", eval_ids)
+    ref = fakequant_logits(tiny_llama_odd.hf_dir, [torch.as_tensor(s) for s in calib_ids],
+                           torch.as_tensor(eval_ids)[None], bits_a=8, bits_w=4, **settings)
+    flt = _float_logits(tiny_llama_odd.onnx_path, eval_ids)
+    to_ref = compare.diff(got, np.asarray(ref, np.float64).reshape(got.shape))
+    assert to_ref.rel_rms < 0.1 * compare.diff(got, flt).rel_rms, to_ref
+    assert to_ref.rel_rms < 2e-3
+
+
+def test_fold_only_graph_equals_float(tiny_llama_odd, tmp_path):
+    """Flattening and permutation alone (no quantization) must leave the float function intact."""
+    import json
+
+    from serq_onnx import passes
+    from serq_onnx.modelio import load_model, save_model
+    from serq_onnx.plan import ConvertConfig, Plan
+
+    vocab = json.loads((tiny_llama_odd.hf_dir / "config.json").read_text())["vocab_size"]
+    model = load_model(tiny_llama_odd.onnx_path)
+    plan = Plan(ConvertConfig())
+    passes.FindTargetsPass(plan)(model)
+    passes.CalibratePass(plan, _ids(vocab, 2, 32, 3), progress=False)(model)
+    passes.FoldFlatteningPass(plan)(model)
+    passes.PermuteWeightsPass(plan)(model)
+    # The folds must really have moved weights: flattening scales are far from 1.
+    assert any(np.abs(np.log(g.s)).max() > 0.5 for g in plan.groups)
+    assert {g.kind for g in plan.groups} == {"norm", "mlp_act", "runtime"}
+    save_model(model, tmp_path / "folded.onnx")
+    eval_ids = _ids(vocab, 1, 40, 4)[0]
+    d = compare.diff(_float_logits(tmp_path / "folded.onnx", eval_ids),
+                     _float_logits(tiny_llama_odd.onnx_path, eval_ids))
+    assert d.rel_rms < 1e-5 and d.top1_agree == 1.0, d
