@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -12,8 +13,9 @@ from onnx import TensorProto, helper
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    # Run outside the source tree so the installed package (with its op library) is used.
     return subprocess.run([sys.executable, "-m", "serq_onnx.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=tempfile.gettempdir())
 
 
 def _assert_clean_failure(proc: subprocess.CompletedProcess, words: tuple[str, ...], out) -> None:

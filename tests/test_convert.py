@@ -56,10 +56,10 @@ def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_
                            **SETTINGS)
     ref = np.asarray(ref, np.float64).reshape(got.shape)
     to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
-    # Same algorithm, independent code: differences come only from float rounding (a rare
-    # flipped rounding of a code), far below the quantization error itself.
-    assert to_ref.rel_rms < 0.1 * to_float.rel_rms, (to_ref, to_float)
-    assert to_ref.rel_rms < (2e-3 if scheme == "w4a8" else 2e-2), to_ref
+    # Same algorithm, independent code: they differ only by float32 rounding (1e-7 relative),
+    # which now and then moves a value across a rounding boundary and flips one code by one step
+    # (seen: 6e-4 relative for a handful of flips); the quantization error itself is ~1e-1.
+    assert to_ref.rel_rms < 2e-3 and to_ref.rel_rms < to_float.rel_rms / 50, (to_ref, to_float)
     assert to_ref.top1_agree >= 0.95
     # And quantization is still close to float.
     assert to_float.rel_rms < (0.1 if scheme == "w4a8" else 0.5), to_float
@@ -103,8 +103,8 @@ def test_odd_hidden_size_converts_exactly(tiny_llama_odd, tmp_path):
                            torch.as_tensor(eval_ids)[None], bits_a=8, bits_w=4, **settings)
     flt = _float_logits(tiny_llama_odd.onnx_path, eval_ids)
     to_ref = compare.diff(got, np.asarray(ref, np.float64).reshape(got.shape))
-    assert to_ref.rel_rms < 0.1 * compare.diff(got, flt).rel_rms, to_ref
-    assert to_ref.rel_rms < 2e-3
+    assert to_ref.rel_rms < 2e-3, to_ref  # see the tolerance note above
+    assert compare.diff(got, flt).rel_rms > 50 * to_ref.rel_rms
 
 
 def test_fold_only_graph_equals_float(tiny_llama_odd, tmp_path):

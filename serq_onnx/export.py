@@ -1,0 +1,120 @@
+"""Float32 ONNX exports of Hugging Face causal LMs, and a tiny random Llama for tests.
+
+The converter takes Optimum exports as its input, so the project makes them the same way users
+do (Optimum's exporter, CPU, float32) instead of hand-writing graphs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import SerqError
+
+_TORCH_PIP = "pip install 'serq-onnx[torch]'"
+# Files the evaluation harness and the converter read next to model.onnx.
+_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
+
+# Text for the tiny model's tokenizer: its merges only need to exist, not to be good.
+_TINY_TOKENIZER_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife.",
+    "However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families.",
+    "The quick brown fox jumps over the lazy dog; 0123456789 times, then rests.",
+)
+TINY_VOCAB = 320  # 256 byte symbols + 2 special tokens + merges
+
+
+def export_causal_lm(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     task: str = "text-generation-with-past") -> Path:
+    """Export ``hf_dir`` with Optimum (CPU, float32) into ``out_dir``; returns ``model.onnx``.
+
+    Does nothing if ``out_dir/model.onnx`` exists. The export is written to a temporary folder
+    and moved in with ``model.onnx`` last, so an interrupted export is never mistaken for a
+    finished one. Config and tokenizer files are copied alongside.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    model_path = out_dir / "model.onnx"
+    if model_path.is_file():
+        return model_path
+    if not (hf_dir / "config.json").is_file():
+        raise SerqError(f"{hf_dir} has no config.json; pass a folder written by save_pretrained")
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise SerqError(f"exporting needs optimum-onnx ({e}); run `{_TORCH_PIP}`") from None
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        main_export(str(hf_dir), tmp, task=task, device="cpu", dtype="fp32",
+                    local_files_only=True)
+        if not (tmp / "model.onnx").is_file():
+            raise SerqError(f"Optimum wrote no model.onnx for {hf_dir} (task {task}); "
+                            "check that the task suits this model")
+        for name in _SIDE_FILES:
+            if (hf_dir / name).is_file() and not (tmp / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / name)
+        out_dir.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "model.onnx"):
+            f.replace(out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model_path
+
+
+def _tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (any text encodes) small enough for a tiny vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_TINY_TOKENIZER_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   model_max_length=1 << 20)
+
+
+def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
+    """Save a tiny random ``LlamaForCausalLM`` with a tokenizer into ``out_dir``; returns it.
+
+    Defaults: hidden 64, intermediate 160, 4 heads, 2 kv heads (GQA), 2 layers. ``overrides`` go
+    to ``LlamaConfig`` (e.g. ``hidden_size=96, intermediate_size=200`` for sizes that are not
+    multiples of the quantization groups). The weights depend only on ``seed``.
+    """
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        raise SerqError(f"the tiny model needs torch and transformers ({e}); "
+                        f"run `{_TORCH_PIP}`") from None
+    tokenizer = _tiny_tokenizer()
+    params = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
+                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                  max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    params.update(overrides)
+    heads, kv_heads = params["num_attention_heads"], params["num_key_value_heads"]
+    if params["hidden_size"] % heads or heads % kv_heads:
+        raise SerqError(f"hidden_size {params['hidden_size']}, {heads} heads and {kv_heads} kv "
+                        "heads do not divide evenly; pick sizes where they do")
+    if params["vocab_size"] < len(tokenizer):
+        raise SerqError(f"vocab_size {params['vocab_size']} is below the tiny tokenizer's "
+                        f"{len(tokenizer)} tokens; leave vocab_size at its default")
+    config = LlamaConfig(**params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

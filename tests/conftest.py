@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Llama models exported by Optimum, built once per test session."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny model's Hugging Face folder and its Optimum ONNX export (``model.onnx``)."""
+
+    hf_dir: Path
+    onnx_path: Path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.hf_dir / "config.json").read_text())
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **overrides: Any) -> TinyModel:
+    pytest.importorskip("torch")
+    pytest.importorskip("optimum.exporters.onnx")
+    from serq_onnx.export import export_causal_lm, make_tiny_llama
+
+    root = tmp_path_factory.mktemp(name)
+    hf_dir = make_tiny_llama(root / "hf", seed=0, **overrides)
+    return TinyModel(hf_dir=hf_dir, onnx_path=export_causal_lm(hf_dir, root / "onnx"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Hidden 64, intermediate 160, 4 heads, 2 kv heads (GQA), 2 layers."""
+    return _build(tmp_path_factory, "tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_odd(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Sizes that are multiples of no quantization group: hidden 96 (head_dim 24), inter 200."""
+    return _build(tmp_path_factory, "tiny_llama_odd", hidden_size=96, intermediate_size=200,
+                  num_attention_heads=4, num_key_value_heads=2)
