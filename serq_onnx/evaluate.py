@@ -151,23 +151,9 @@ def _prefill_feed(spec: CausalLMSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
 def tokenize_text(tokenizer_dir: str | os.PathLike, text_path: str | os.PathLike,
                   max_tokens: int | None = None) -> np.ndarray:
     """Token ids (int64) of a UTF-8 text file, without special tokens (running text, no BOS)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise SerqError("tokenizing needs transformers; run `pip install transformers`") from None
-    text_path = Path(text_path)
-    if not text_path.is_file():
-        raise SerqError(f"text file {text_path} not found; fetch it with "
-                        "`python -m serq_onnx.data austen`")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as e:
-        raise SerqError(f"no tokenizer in {tokenizer_dir} ({str(e).splitlines()[0]}); "
-                        "pass the model folder that holds tokenizer.json") from None
-    ids = tokenizer(text_path.read_text(encoding="utf-8"), add_special_tokens=False,
-                    verbose=False)["input_ids"]
-    ids = np.asarray(ids, dtype=np.int64)
-    return ids[:max_tokens] if max_tokens is not None else ids
+    from .calibration import tokenize_file
+
+    return tokenize_file(tokenizer_dir, text_path, max_tokens=max_tokens)
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
