@@ -1,4 +1,4 @@
-"""``serq-onnx`` command line: convert, eval."""
+"""``serq-onnx`` command line: convert, eval, bench."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--group-w", type=int, default=128, help="weight group size along K")
     p.add_argument("--group-a", type=int, default=128,
                    help="activation group size (0: whole row)")
+    p.add_argument("--weight-quant", default="rtn", choices=["rtn", "gptq"],
+                   help="main weight rounding: rtn (round to nearest, default) or gptq "
+                   "(error-compensating, uses the calibration inputs; slower, more accurate)")
     p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
@@ -40,7 +43,8 @@ def _convert(args) -> int:
     report = convert(args.model, args.output, scheme=args.scheme, rank=args.rank,
                      group_w=args.group_w, group_a=args.group_a, method=args.method,
                      calib=args.calib, calib_samples=args.calib_samples,
-                     calib_seqlen=args.calib_seqlen, verify=not args.no_verify,
+                     calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
+                     verify=not args.no_verify,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(report.summary())
     return 0
@@ -65,11 +69,48 @@ def _eval(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time SerqMatMul against onnxruntime's kernels",
+                       description="Run float MatMul, MatMulNBits and SerqMatMul on the same "
+                       "shapes in one process and print times and ratios.")
+    p.add_argument("--model", type=Path, help="take the linear-layer shapes of this ONNX model")
+    p.add_argument("--shape", action="append", default=[], metavar="KxN",
+                   help="a weight shape (repeatable); default: SmolLM2-135M's")
+    p.add_argument("--m", default="1,16,128,1024", help="token counts, comma separated")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's)")
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=0.5, help="minimum timing per case")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    try:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shape]
+        ms = [int(m) for m in args.m.split(",")]
+    except ValueError:
+        raise SerqError("--shape takes KxN (e.g. 576x1536) and --m comma-separated integers")
+    if any(len(s) != 2 for s in shapes):
+        raise SerqError("--shape takes KxN, e.g. 576x1536")
+    if args.model:
+        shapes += bench.shapes_of_model(args.model)
+    results = bench.run(shapes or bench.SMOLLM2_SHAPES, ms, threads=args.threads,
+                        rank=args.rank, group=args.group, min_seconds=args.seconds,
+                        progress=not args.quiet)
+    print(f"machine: {bench.machine_name()}")
+    print(bench.format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serq-onnx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
