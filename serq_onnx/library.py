@@ -40,11 +40,13 @@ def session_options(options: Any = None) -> Any:
     return so
 
 
-def session(path: str | os.PathLike, providers: list | None = None, sess_options: Any = None,
-            **kwargs: Any) -> Any:
-    """An ``onnxruntime.InferenceSession`` on ``path`` with the SerqMatMul library registered."""
+def session(model: str | os.PathLike | bytes, providers: list | None = None,
+            sess_options: Any = None, **kwargs: Any) -> Any:
+    """An ``onnxruntime.InferenceSession`` on ``model`` (a path or serialized bytes) with the
+    SerqMatMul library registered."""
     import onnxruntime as ort
 
     so = session_options(sess_options)
-    return ort.InferenceSession(str(path), sess_options=so,
+    source = model if isinstance(model, (bytes, bytearray)) else str(model)
+    return ort.InferenceSession(source, sess_options=so,
                                 providers=providers or ["CPUExecutionProvider"], **kwargs)

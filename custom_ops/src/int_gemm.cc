@@ -1,0 +1,105 @@
+#include "int_gemm.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace serq {
+
+namespace {
+
+template <int kBitsW>
+inline int32_t BlockDotScalar(const uint8_t* a, const uint8_t* w, int64_t bs) {
+  int32_t dot = 0;
+  if (kBitsW == 4) {
+    for (int64_t i = 0; i < bs / 2; ++i) {
+      const int32_t lo = static_cast<int32_t>(w[i] & 0x0F) - 8;
+      const int32_t hi = static_cast<int32_t>(w[i] >> 4) - 8;
+      dot += static_cast<int32_t>(a[2 * i]) * lo + static_cast<int32_t>(a[2 * i + 1]) * hi;
+    }
+  } else {
+    for (int64_t i = 0; i < bs; ++i) {
+      dot += static_cast<int32_t>(a[i]) * static_cast<int32_t>(static_cast<int8_t>(w[i]));
+    }
+  }
+  return dot;
+}
+
+template <int kBitsW>
+void TileScalar(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int ncols, float* out) {
+  const SerqLayout& L = *p.L;
+  const int64_t bs = L.block;
+  const int64_t ranges[2][2] = {{0, L.main_blocks}, {L.ext_begin, L.ext_begin + L.ext_blocks}};
+  for (int c = 0; c < ncols; ++c) {
+    const int64_t n = n0 + c;
+    const uint8_t* wrow = p.B + n * L.b_row_bytes;
+    const float* wsc = p.w_scales + n * L.n_wgroups;
+    const int32_t* wsum = p.wsum + n * L.n_blocks;
+    for (int r = 0; r < nrows; ++r) {
+      const int64_t m = row0 + r;
+      const uint8_t* arow = p.qa + m * L.K_ext;
+      float acc = 0.0f;
+      for (const auto& rg : ranges) {
+        for (int64_t b = rg[0]; b < rg[1]; ++b) {
+          const int64_t k0 = b * bs;
+          const int32_t dot = BlockDotScalar<kBitsW>(arow + k0, wrow + (kBitsW == 4 ? k0 / 2 : k0), bs);
+          const int64_t ia = ActParamIndex(m, b, L.n_blocks);
+          const float sa = p.a_scale[ia];
+          const float sw = wsc[k0 / L.a.group_w];
+          // Wrapping arithmetic, as the SIMD kernels do (exact for contract-conforming data).
+          const auto diff = static_cast<int32_t>(static_cast<uint32_t>(dot) -
+                                                 static_cast<uint32_t>(p.a_zero[ia]) * static_cast<uint32_t>(wsum[b]));
+          acc += (sa * sw) * static_cast<float>(diff);
+        }
+      }
+      out[c * kTileRows + r] = acc;
+    }
+  }
+}
+
+Isa IsaFromEnv(Isa detected) {
+  const char* env = std::getenv("SERQ_ONNX_ISA");
+  if (!env || !*env) return detected;
+  Isa want = detected;
+  if (!std::strcmp(env, "scalar")) want = Isa::kScalar;
+  else if (!std::strcmp(env, "avx2")) want = Isa::kAvx2;
+  else if (!std::strcmp(env, "avx512vnni")) want = Isa::kAvx512Vnni;
+  return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
+}
+
+}  // namespace
+
+void GemmTileScalar(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int ncols, float* out) {
+  if (p.L->a.bits_w == 4) {
+    TileScalar<4>(p, row0, nrows, n0, ncols, out);
+  } else {
+    TileScalar<8>(p, row0, nrows, n0, ncols, out);
+  }
+}
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Vnni: return "avx512vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Isa DetectIsa() {
+  Isa best = Isa::kScalar;
+  if (X86CpuSupports(Isa::kAvx512Vnni)) {
+    best = Isa::kAvx512Vnni;
+  } else if (X86CpuSupports(Isa::kAvx2)) {
+    best = Isa::kAvx2;
+  }
+  return IsaFromEnv(best);
+}
+
+GemmKernel SelectGemmKernel(const SerqLayout& L, Isa isa) {
+  for (int level = static_cast<int>(isa); level > 0; --level) {
+    GemmKernel k;
+    if (X86GemmKernel(L, static_cast<Isa>(level), &k)) return k;
+  }
+  return GemmKernel{&GemmTileScalar, nullptr, ActOrder::kNatural, false, Isa::kScalar};
+}
+
+}  // namespace serq

@@ -1,0 +1,104 @@
+// Registration of the com.serq custom-op domain: the library's only exported symbol is
+// RegisterCustomOps, called by onnxruntime (SessionOptions.register_custom_ops_library).
+//
+// SerqMatMul is registered once per (A type, act_perm type) pair: onnxruntime infers a custom
+// op's output type from the overload whose declared input types match the node, and only one
+// input of an op may be declared with an undefined ("any") type. Kernels for other execution
+// providers (CUDA) are added here as further ops with their own GetExecutionProviderType.
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "serq_matmul_cpu.h"
+
+namespace serq {
+namespace {
+
+constexpr const char* kDomain = "com.serq";
+constexpr const char* kOpName = "SerqMatMul";
+constexpr int kOpVersion = 1;
+
+enum InputIndex : size_t { kA = 0, kB, kScales, kWsum, kActScale, kActPerm, kBias, kNumInputs };
+
+template <ONNXTensorElementDataType kTypeA, ONNXTensorElementDataType kTypePerm>
+struct SerqMatMulCpuOp : Ort::CustomOpBase<SerqMatMulCpuOp<kTypeA, kTypePerm>, SerqMatMulCpuKernel, true> {
+  SerqMatMulCpuOp() {
+    this->start_ver_ = kOpVersion;
+    this->end_ver_ = kOpVersion;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
+    return CreateSerqMatMulCpuKernel(info, op_kernel);
+  }
+
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    switch (index) {
+      case kA: return kTypeA;
+      case kB: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case kWsum: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      case kActPerm: return kTypePerm;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // scales, act_scale, bias
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= kActScale ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return kTypeA; }
+};
+
+SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64> g_cpu_f32_i64;
+SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32> g_cpu_f32_i32;
+SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64> g_cpu_f16_i64;
+SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32> g_cpu_f16_i32;
+
+// Domains must outlive every session that uses them; they are released when the library is
+// unloaded.
+void KeepDomain(Ort::CustomOpDomain&& domain) {
+  static std::mutex mutex;
+  static std::vector<Ort::CustomOpDomain> domains;
+  std::lock_guard<std::mutex> lock(mutex);
+  domains.push_back(std::move(domain));
+}
+
+OrtStatus* Register(OrtSessionOptions* options) {
+  Ort::CustomOpDomain domain{kDomain};
+  domain.Add(&g_cpu_f32_i64);
+  domain.Add(&g_cpu_f32_i32);
+  domain.Add(&g_cpu_f16_i64);
+  domain.Add(&g_cpu_f16_i32);
+  Ort::ThrowOnError(Ort::GetApi().AddCustomOpDomain(options, domain));
+  KeepDomain(std::move(domain));
+  return nullptr;
+}
+
+}  // namespace
+}  // namespace serq
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  if (!api_base) return nullptr;
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) {
+    // This onnxruntime is older than the headers the library was built with; report it through
+    // the oldest API table, which every version provides.
+    const std::string msg = std::string("SerqMatMul: the op library needs onnxruntime API version ") +
+                            std::to_string(ORT_API_VERSION) + " or newer, but the loaded onnxruntime is " +
+                            api_base->GetVersionString();
+    if (const OrtApi* oldest = api_base->GetApi(1)) return oldest->CreateStatus(ORT_FAIL, msg.c_str());
+    std::fprintf(stderr, "%s\n", msg.c_str());
+    return nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    return serq::Register(options);
+  } catch (...) {
+    return serq::StatusFromCurrentException("registering the com.serq ops");
+  }
+}
