@@ -24,6 +24,7 @@ $(VENV)/.base:
 	touch $@
 
 $(CACHE)/ort-include: scripts/fetch_ort_headers.sh
+	mkdir -p $(CACHE)
 	bash scripts/fetch_ort_headers.sh $(CACHE)/ort-headers > $(CACHE)/ort-include.tmp
 	mv $(CACHE)/ort-include.tmp $@
 
