@@ -2,17 +2,12 @@
 // run time, so the library still loads on CPUs without them.
 #include "int_gemm.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define SERQ_HAVE_X86_KERNELS 1
-#include <immintrin.h>
-#endif
+#include "x86_target.h"
 
 namespace serq {
 
 #ifdef SERQ_HAVE_X86_KERNELS
 
-#define SERQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define SERQ_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 namespace {
 

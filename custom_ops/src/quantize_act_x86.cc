@@ -5,16 +5,11 @@
 
 #include <cmath>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define SERQ_HAVE_X86_KERNELS 1
-#include <immintrin.h>
-#endif
+#include "x86_target.h"
 
 namespace serq {
 
 #ifdef SERQ_HAVE_X86_KERNELS
-
-#define SERQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 namespace {
 
