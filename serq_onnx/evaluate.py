@@ -1,17 +1,19 @@
-"""Perplexity and generation speed of Optimum causal-LM exports, through onnxruntime.
+"""Perplexity, last-word accuracy and generation speed of Optimum causal-LM exports.
 
-Float and converted models are measured by the same code, so their figures compare directly.
+Everything runs through onnxruntime. Float and converted models are measured by the same code,
+so their figures compare directly.
 Any ``onnxruntime.InferenceSession`` works; converted models need one that registers the op
 library (``serq_onnx.session(path)``), which the caller builds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -203,6 +205,164 @@ def perplexity(session: SessionLike, token_ids: np.ndarray, ctx: int = 1024,
                             tokens_per_s=n_fed / seconds if seconds > 0 else math.inf)
 
 
+# Sentence-final words that say little about the passage: function words, pronouns, common
+# verbs, and abbreviations that end in a full stop without ending a sentence.
+STOP_WORDS = frozenset("""
+    about above after again against all also and any are because been before being below
+    between both but can cannot could did does doing down during each few for from further had
+    has have having her here hers herself him himself his how into its itself just more most
+    myself nor not now off once only other ought our ours ourselves out over own same she
+    should some such than that the their theirs them themselves then there these they this
+    those through too under until very was were what when where which while who whom why will
+    with would you your yours yourself yourselves one yes say said says well upon shall
+    must may might much many never ever else
+    mrs messrs esq etc viz rev capt col gen
+""".split())
+
+# A word of 3+ letters after a single space, then . ! or ?, then optional closing quotes or
+# brackets, then whitespace or the end of the text: the word that ends a sentence.
+_LAST_WORD = re.compile(r"(?<= )([A-Za-z]{3,})[.!?][\"'\u201d\u2019)\]_]*(?=\s|$)")
+
+
+@dataclass(frozen=True)
+class LastWordPassage:
+    """A context, then the tokens of ``" " + word``: the sentence-final word to predict.
+
+    Tokenizing the context text followed by ``" " + word`` gives exactly ``context + target``,
+    so predicting ``target`` greedily is producing the word as the model would write it.
+    """
+
+    context: tuple[int, ...]
+    target: tuple[int, ...]
+    word: str
+    offset: int  # character offset of the word in the text
+
+
+@dataclass(frozen=True)
+class LastWordResult:
+    """Last-word accuracy; ``seconds`` counts time inside ``session.run``.
+
+    ``correct`` and ``predicted`` (the argmax token at each target position) are per passage;
+    ``target_nll`` is the mean over passages of -log p(target tokens | context), in nats.
+    """
+
+    accuracy: float
+    n: int
+    seconds: float
+    correct: tuple[bool, ...] = field(repr=False)
+    predicted: tuple[tuple[int, ...], ...] = field(repr=False)
+    target_nll: float
+
+
+def _read_text(text_path: str | os.PathLike) -> str:
+    path = Path(text_path)
+    if not path.is_file():
+        raise SerqError(f"text file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SerqError(f"{path} is not UTF-8 text") from None
+
+
+def last_word_passages(tokenizer_dir: str | os.PathLike, text_path: str | os.PathLike,
+                       n: int = 200, context_tokens: int = 256) -> list[LastWordPassage]:
+    """``n`` LAMBADA-style passages cut from a plain text, the same ones on every call.
+
+    A candidate is a word of at least 3 letters, not in :data:`STOP_WORDS`, that follows a
+    single space and ends a sentence (``.``, ``!`` or ``?``); its context is the
+    ``context_tokens`` tokens of running text just before that space. A candidate is usable when
+    the context text tokenizes to exactly those tokens and context + ``" " + word`` tokenizes to
+    the context tokens followed by those of ``" " + word``. The candidates, in text order, are
+    cut into ``n`` equal slices and each slice gives its first usable candidate, so passages are
+    spread evenly through the text and depend only on the text, tokenizer, ``n`` and
+    ``context_tokens``.
+    """
+    if n < 1 or context_tokens < 1:
+        raise SerqError(f"last-word passages need n >= 1 and context_tokens >= 1 "
+                        f"(got n={n}, context_tokens={context_tokens})")
+    from .calibration import load_tokenizer
+
+    text = _read_text(text_path)
+    tok = load_tokenizer(tokenizer_dir)
+
+    def encode(s: str) -> list[int]:
+        return tok.encode(s, add_special_tokens=False).ids
+
+    full = tok.encode(text, add_special_tokens=False)
+    starts = np.fromiter((o[0] for o in full.offsets), dtype=np.int64, count=len(full.ids))
+    candidates: list[tuple[int, str, int]] = []  # (word offset, word, index of its first token)
+    for m in _LAST_WORD.finditer(text):
+        word = m.group(1)
+        space = m.start(1) - 1
+        i = int(np.searchsorted(starts, space))
+        if word.lower() in STOP_WORDS or i < context_tokens or i >= len(starts):
+            continue
+        if starts[i] == space:  # a token begins at the space, as " word" would
+            candidates.append((m.start(1), word, i))
+    if len(candidates) < n:
+        raise SerqError(f"{text_path} has {len(candidates)} sentence-final words with "
+                        f"{context_tokens} tokens before them, fewer than the {n} passages asked "
+                        f"for; ask for fewer (--last-word) or a shorter context "
+                        f"(--last-word-context), or use a longer text")
+
+    def usable(offset: int, word: str, i: int) -> LastWordPassage | None:
+        context = full.ids[i - context_tokens:i]
+        context_text = text[int(starts[i - context_tokens]):offset - 1]
+        target = encode(" " + word)
+        if encode(context_text) != context or encode(context_text + " " + word) != context + target:
+            return None
+        return LastWordPassage(context=tuple(context), target=tuple(target), word=word,
+                               offset=offset)
+
+    passages = []
+    for k in range(n):
+        lo, hi = k * len(candidates) // n, (k + 1) * len(candidates) // n
+        found = next((p for c in candidates[lo:hi] if (p := usable(*c)) is not None), None)
+        if found is None:
+            raise SerqError(f"no usable last-word passage among candidates {lo}..{hi - 1} of "
+                            f"{text_path} (the tokenizer splits them across the context); "
+                            "ask for fewer passages (--last-word)")
+        passages.append(found)
+    return passages
+
+
+def last_word_accuracy(session: SessionLike, passages: list[LastWordPassage],
+                       progress: bool = True) -> LastWordResult:
+    """Fraction of passages whose target word the model predicts exactly, by teacher forcing.
+
+    One forward pass per passage (empty KV cache) over the context and all target tokens but the
+    last; a passage is correct when the argmax at every target position is the target token,
+    which is what greedy decoding of the word would produce.
+    """
+    if not passages:
+        raise SerqError("no last-word passages to evaluate; pass at least one")
+    for p in passages:
+        if not p.context or not p.target:
+            raise SerqError(f"passage at offset {p.offset} has an empty context or target; "
+                            "build passages with last_word_passages")
+    sess = open_session(session)
+    spec = causal_lm_spec(sess)
+    from tqdm.auto import tqdm
+
+    seconds = nll = 0.0
+    correct: list[bool] = []
+    predicted: list[tuple[int, ...]] = []
+    for p in tqdm(passages, desc="last word", unit="passage", disable=not progress):
+        ids = np.asarray(p.context + p.target[:-1], dtype=np.int64)
+        t0 = time.perf_counter()
+        (logits,) = sess.run(["logits"], _prefill_feed(spec, ids))
+        seconds += time.perf_counter() - t0
+        rows = logits[0, len(p.context) - 1:]  # row j predicts target[j]
+        target = np.asarray(p.target, dtype=np.int64)
+        pred = rows.argmax(axis=-1)
+        predicted.append(tuple(int(t) for t in pred))
+        correct.append(bool((pred == target).all()))
+        nll += _nll(rows, target)
+    return LastWordResult(accuracy=sum(correct) / len(correct), n=len(correct), seconds=seconds,
+                          correct=tuple(correct), predicted=tuple(predicted),
+                          target_nll=nll / len(correct))
+
+
 def _device(sess: Any) -> tuple[str, int]:
     """Where the KV cache should live between decode steps: the session's first provider."""
     provider = sess.get_providers()[0]
@@ -284,16 +444,85 @@ def decode_speed(session: SessionLike, prompt_ids: np.ndarray, new_tokens: int =
             "tokens": tokens}
 
 
+@dataclass(frozen=True)
+class EvalReport:
+    """What ``serq-onnx eval`` measured; ``str()`` is the printed summary, one line per metric."""
+
+    model: str
+    text: str
+    settings: dict[str, Any]
+    perplexity: PerplexityResult
+    last_word: LastWordResult | None = None
+    passages: tuple[LastWordPassage, ...] = field(default=(), repr=False)
+
+    def __str__(self) -> str:
+        r, s = self.perplexity, self.settings
+        lines = [(f"{self.model}: perplexity {r.ppl:.4f} on {r.n_predicted} predicted tokens "
+                  f"of {Path(self.text).name} ({r.n_windows} windows of {s['ctx']}), "
+                  f"{r.tokens_per_s:.0f} tokens/s")]
+        if self.last_word is not None:
+            w = self.last_word
+            lines.append(f"{self.model}: last-word accuracy {w.accuracy:.2%} "
+                         f"({sum(w.correct)}/{w.n} passages of {s['last_word_context']} context "
+                         f"tokens), target nll {w.target_nll:.3f} nats/word, "
+                         f"{w.seconds:.1f} s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready results, with each passage's word, offset and correctness."""
+        import onnxruntime
+
+        r = self.perplexity
+        out: dict[str, Any] = {
+            "model": self.model, "text": self.text, "settings": dict(self.settings),
+            "onnxruntime": onnxruntime.__version__,
+            "perplexity": {"ppl": r.ppl, "nll_sum": r.nll_sum, "n_predicted": r.n_predicted,
+                           "windows": r.n_windows, "seconds": r.seconds,
+                           "tokens_per_s": r.tokens_per_s if math.isfinite(r.tokens_per_s)
+                           else None},
+            "last_word": None}
+        if self.last_word is not None:
+            w = self.last_word
+            out["last_word"] = {
+                "accuracy": w.accuracy, "n": w.n, "n_correct": sum(w.correct),
+                "target_nll": w.target_nll, "seconds": w.seconds,
+                "passages": [{"offset": p.offset, "word": p.word, "correct": c}
+                             for p, c in zip(self.passages, w.correct)]}
+        return out
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
 def evaluate_model_dir(model_dir: str | os.PathLike, text_path: str | os.PathLike, *,
-                       ctx: int = 1024, max_tokens: int | None = None,
-                       progress: bool = True) -> str:
-    """``serq-onnx eval``: perplexity of the model in ``model_dir`` on a text, as a report line."""
+                       ctx: int = 1024, max_tokens: int | None = None, last_word: int = 200,
+                       last_word_context: int = 256, json_path: str | os.PathLike | None = None,
+                       progress: bool = True) -> EvalReport:
+    """``serq-onnx eval``: perplexity and last-word accuracy of a model on one text.
+
+    Perplexity reads the first ``max_tokens`` tokens (all if None); the ``last_word`` passages
+    (0: skip) are spread over the whole text. One session serves both. With ``json_path`` the
+    report is also written there as JSON.
+    """
     model_dir = Path(model_dir)
     model = model_dir / "model.onnx" if model_dir.is_dir() else model_dir
     if not model.is_file():
         raise SerqError(f"no model.onnx in {model_dir}")
+    if last_word < 0:
+        raise SerqError(f"--last-word must be >= 0 (0 skips it), got {last_word}")
+    if json_path is not None and not Path(json_path).parent.is_dir():
+        raise SerqError(f"the folder of the JSON output {json_path} does not exist; create it "
+                        "or choose another path")
     ids = tokenize_text(model.parent, text_path, max_tokens=max_tokens)
-    r = perplexity(model, ids, ctx=ctx, progress=progress)
-    return (f"{model}: perplexity {r.ppl:.4f} on {r.n_predicted} predicted tokens of "
-            f"{Path(text_path).name} ({r.n_windows} windows of {ctx}), "
-            f"{r.tokens_per_s:.0f} tokens/s")
+    passages = (last_word_passages(model.parent, text_path, n=last_word,
+                                   context_tokens=last_word_context) if last_word else [])
+    sess = open_session(model)
+    ppl = perplexity(sess, ids, ctx=ctx, progress=progress)
+    lw = last_word_accuracy(sess, passages, progress=progress) if passages else None
+    report = EvalReport(model=str(model), text=str(text_path),
+                        settings={"ctx": ctx, "max_tokens": max_tokens, "last_word": last_word,
+                                  "last_word_context": last_word_context},
+                        perplexity=ppl, last_word=lw, passages=tuple(passages))
+    if json_path is not None:
+        report.write_json(json_path)
+    return report
