@@ -8,6 +8,7 @@ from .calibrate import CalibratePass
 from .cleanup import CleanupPass
 from .find_targets import FindTargetsPass
 from .fold_flattening import FoldFlatteningPass
+from .gptq import GPTQPass
 from .permute_weights import PermuteWeightsPass
 from .quantize import QuantizeWeightsPass
 from .replace_matmul import ReplaceMatMulPass
@@ -19,6 +20,7 @@ __all__ = [
     "CleanupPass",
     "FindTargetsPass",
     "FoldFlatteningPass",
+    "GPTQPass",
     "PermuteWeightsPass",
     "QuantizeWeightsPass",
     "ReplaceMatMulPass",

@@ -2,7 +2,9 @@
 
 Each group input gets ``ReduceMax(Abs(Reshape(x, [-1, K])), axis 0)`` as an extra graph output,
 so a forward pass returns only ``[K]`` vectors per group and memory stays flat however many
-calibration tokens are streamed through.
+calibration tokens are streamed through. For GPTQ each group input also gets its Gram matrix
+``x^T x`` (``[K, K]`` float32 per sequence, from ``Transpose`` and ``MatMul`` in the graph),
+summed over sequences in float64.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
 
 
-def _stat_nodes(value: ir.Value, K: int, index: int, opset: int) -> tuple[list[ir.Node], ir.Value]:
+def _gram_nodes(flat: ir.Value, K: int, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+    """``Transpose(x) @ x`` of the flattened ``[T, K]`` input (float32, as the model)."""
+    xt = ir.node("Transpose", [flat], attributes={"perm": [1, 0]}, name=f"{prefix}/Transpose",
+                 outputs=[ir.Value(name=f"{prefix}/flatT")])
+    out = ir.Value(name=f"{prefix}/gram", shape=ir.Shape([K, K]),
+                   type=ir.TensorType(ir.DataType.FLOAT))
+    mm = ir.node("MatMul", [xt.outputs[0], flat], name=f"{prefix}/Gram", outputs=[out])
+    return [xt, mm], out
+
+
+def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool
+                ) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
     prefix = f"serq_calib/{index}"
     shape = ir.Value(name=f"{prefix}/shape", const_value=ir.tensor(np.array([-1, K], np.int64)))
     flat = ir.node("Reshape", [value, shape], name=f"{prefix}/Reshape",
@@ -43,11 +56,21 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int) -> tuple[list[i
         red = ir.node("ReduceMax", [absv.outputs[0]], attributes={"keepdims": 0, "axes": [0]},
                       name=f"{prefix}/ReduceMax", outputs=[out])
         inits = [shape]
-    return [flat, absv, red], out, inits
+    nodes, outs = [flat, absv, red], [out]
+    if gram:
+        g_nodes, g_out = _gram_nodes(flat.outputs[0], K, prefix)
+        nodes += g_nodes
+        outs.append(g_out)
+    return nodes, outs, inits
 
 
 class CalibratePass(ir.passes.InPlacePass):
-    """Set ``group.absmax`` for every group from the float model on ``sequences``."""
+    """Set ``group.absmax`` for every group from the float model on ``sequences``.
+
+    When the plan's config asks for GPTQ, also ``group.gram`` (float64 ``[K, K]``, the sum of
+    ``x^T x`` over every calibration token, in the input's original channel order) and
+    ``group.tokens``.
+    """
 
     def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True):
         super().__init__()
@@ -63,12 +86,13 @@ class CalibratePass(ir.passes.InPlacePass):
                             "--calib-seqlen")
         graph = model.graph
         opset = _opset(model)
+        want_gram = self.plan.config.weight_quant == "gptq"
         added_nodes, added_inits, stat_outputs = [], [], []
         for i, group in enumerate(self.plan.groups):
-            nodes, out, inits = _stat_nodes(group.value, group.K, i, opset)
+            nodes, outs, inits = _stat_nodes(group.value, group.K, i, opset, want_gram)
             added_nodes += nodes
             added_inits += inits
-            stat_outputs.append(out)
+            stat_outputs += outs
         for v in added_inits:
             graph.register_initializer(v)
         graph.extend(added_nodes)
@@ -88,14 +112,25 @@ class CalibratePass(ir.passes.InPlacePass):
                 graph.initializers.pop(v.name)
         names = [v.name for v in stat_outputs]
         inputs = sess.get_inputs()
+        per_group = 2 if want_gram else 1
         absmax = [np.zeros(g.K, np.float32) for g in self.plan.groups]
+        grams = [np.zeros((g.K, g.K), np.float64) for g in self.plan.groups] if want_gram else []
+        tokens = 0
         for seq in tqdm(self.sequences, desc="calibrating", unit="seq", disable=not self.progress):
             outs = sess.run(names, causal_lm_feeds(inputs, seq))
-            for acc, o in zip(absmax, outs):
+            tokens += len(seq)
+            for acc, o in zip(absmax, outs[::per_group]):
                 np.maximum(acc, o, out=acc)
-        for group, a in zip(self.plan.groups, absmax):
+            for acc, o in zip(grams, outs[1::per_group]):
+                acc += o
+        for i, (group, a) in enumerate(zip(self.plan.groups, absmax)):
             if not np.all(np.isfinite(a)):
                 raise SerqError(f"calibration saw NaN or infinite activations at {group.name}: "
                                 "the float model itself overflows on this text")
             group.absmax = a
+            if want_gram:
+                if not np.all(np.isfinite(grams[i])):
+                    raise SerqError(f"the calibration Gram matrix of {group.name} overflows "
+                                    "float32; GPTQ cannot be used on this model")
+                group.gram, group.tokens = grams[i], tokens
         return ir.passes.PassResult(model, modified=False)

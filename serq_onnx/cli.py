@@ -51,11 +51,19 @@ def _convert(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of an ONNX causal LM (float or converted)")
+    p = sub.add_parser("eval", help="perplexity and last-word accuracy of an ONNX causal LM",
+                       description="Perplexity over non-overlapping windows and LAMBADA-style "
+                       "last-word accuracy, both on one text, for float or converted models.")
     p.add_argument("model_dir", type=Path, help="folder with model.onnx and tokenizer.json")
     p.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
     p.add_argument("--ctx", type=int, default=1024, help="window length (non-overlapping)")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="perplexity on the first N tokens only (default: all)")
+    p.add_argument("--last-word", type=int, default=200, metavar="N",
+                   help="last-word passages, spread over the whole text (default 200; 0: skip)")
+    p.add_argument("--last-word-context", type=int, default=256, metavar="TOKENS",
+                   help="context tokens before each last word (default 256)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -64,8 +72,39 @@ def _eval(args) -> int:
     from .evaluate import evaluate_model_dir
 
     result = evaluate_model_dir(args.model_dir, args.text, ctx=args.ctx,
-                                max_tokens=args.max_tokens, progress=not args.quiet)
+                                max_tokens=args.max_tokens, last_word=args.last_word,
+                                last_word_context=args.last_word_context, json_path=args.json,
+                                progress=not args.quiet)
     print(result)
+    return 0
+
+
+def _add_nbits(sub) -> None:
+    p = sub.add_parser("nbits", help="onnxruntime's own 4-bit weight-only baseline (MatMulNBits)",
+                       description="Quantize the same decoder linears that convert does with "
+                       "onnxruntime's MatMulNBits quantizer (round to nearest, 4-bit blocks "
+                       "along K); lm_head, embeddings and attention stay float.")
+    p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="weights per scale along K (a power of two >= 16; default 128)")
+    p.add_argument("--asymmetric", action="store_true", help="zero points (default: symmetric)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="N",
+                   help="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+                   "activations (default: unset)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_nbits)
+
+
+def _nbits(args) -> int:
+    from .nbits_baseline import make_matmulnbits_model
+
+    out = make_matmulnbits_model(args.model, args.output, block_size=args.block_size,
+                                 symmetric=not args.asymmetric,
+                                 accuracy_level=args.accuracy_level, overwrite=args.overwrite,
+                                 progress=not args.quiet)
+    print(f"wrote {out}")
     return 0
 
 
@@ -110,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_eval(sub)
+    _add_nbits(sub)
     _add_bench(sub)
     return parser
 

@@ -44,7 +44,8 @@ class ConversionReport:
         return "\n".join([
             f"converted {self.layers_converted} linear layers to SerqMatMul ({roles})",
             f"scheme {self.config['scheme']}, method {self.config['method']}, rank "
-            f"{self.config['rank']}, groups w{self.config['group_w']}/a{self.config['group_a']}",
+            f"{self.config['rank']}, groups w{self.config['group_w']}/a{self.config['group_a']}, "
+            f"main weight {self.config.get('weight_quant', 'rtn')}",
             f"calibration: {self.calib_tokens} tokens from {self.calib_source}",
             f"folds: {', '.join(f'{k} x{v}' for k, v in sorted(self.folds.items())) or 'none'}",
             f"fold check (float graph after folding vs original): {self.fold_check}",
@@ -101,13 +102,15 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             rank: int = 128, group_w: int = 128, group_a: int = 128, method: str = "serq",
             calib: str | os.PathLike | None = None, calib_samples: int = 128,
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
-            verify: bool = True, overwrite: bool = False, progress: bool = True,
-            log=print) -> ConversionReport:
+            weight_quant: str = "rtn", verify: bool = True, overwrite: bool = False,
+            progress: bool = True, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
     (config, tokenizer, generation config), so it loads wherever the original loaded. Nothing is
-    left in ``output`` unless conversion succeeds.
+    left in ``output`` unless conversion succeeds. ``weight_quant``: ``"rtn"`` rounds the main
+    weight to nearest; ``"gptq"`` compensates rounding errors with the Hessian of each layer's
+    calibration inputs (slower, more accurate).
     """
     from serq_onnx import passes
 
@@ -115,7 +118,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     timings: dict[str, float] = {}
     model_path, out_dir = Path(model), Path(output)
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
-                           method=method)
+                           method=method, weight_quant=weight_quant)
     if not model_path.is_file():
         raise SerqError(f"model file not found: {model_path}")
     if out_dir.resolve() == model_path.parent.resolve():
@@ -143,7 +146,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     check_seqs = [s[:128] for s in sequences[:2]]
 
     t = time.perf_counter()
-    if config.flattens:
+    if config.needs_calibration:
         passes.CalibratePass(plan, sequences, progress=progress)(ir_model)
     timings["calibration"] = time.perf_counter() - t
 
@@ -159,10 +162,15 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
 
     t = time.perf_counter()
     passes.SalientReconstructionPass(plan)(ir_model)
-    passes.QuantizeWeightsPass(plan, progress=progress)(ir_model)
+    if config.weight_quant == "gptq":
+        tq = time.perf_counter()
+        passes.GPTQPass(plan, progress=progress)(ir_model)
+        timings["gptq"] = time.perf_counter() - tq
+    else:
+        passes.QuantizeWeightsPass(plan, progress=progress)(ir_model)
     passes.ReplaceMatMulPass(plan)(ir_model)
     passes.CleanupPass()(ir_model)
-    timings["quantization"] = time.perf_counter() - t
+    timings["quantization"] = time.perf_counter() - t - timings.get("gptq", 0.0)
 
     folds: dict[str, int] = {}
     for g in plan.groups:

@@ -28,10 +28,13 @@ __all__ = [
     "apply_serq_fakequant",
     "build_layer_weights",
     "calibrate_absmax",
+    "calibrate_hessians",
     "fake_quant_activations",
     "fake_quant_weight",
     "fakequant_logits",
     "floor_scales",
+    "gptq_quantize_weight",
+    "layer_input_hessian",
     "quantize_activations",
     "quantize_weight",
 ]
@@ -48,6 +51,7 @@ TARGETS = (
 )
 
 METHODS = ("serq", "flatten", "rtn")
+WEIGHT_QUANTS = ("rtn", "gptq")
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -143,6 +147,80 @@ def fake_quant_weight(w: torch.Tensor, bits: Optional[int], group: int) -> torch
     return dequantize_weight(codes, scale, group)
 
 
+def gptq_quantize_weight(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group: int,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al.) of ``w: [K, N]`` given the Hessian ``[K, K]`` of its inputs.
+
+    Same output as :func:`quantize_weight`: float32 ``(codes [K, N], scale [G, N])``, symmetric,
+    static groups of ``group`` consecutive input channels. Input channels are quantized in
+    natural order; a group's scale is the absmax of its *error-updated* weights when the sweep
+    reaches its first channel; each channel's rounding error, divided by the diagonal of the
+    upper Cholesky factor of ``H^-1``, is subtracted from the channels after it. ``damp`` times
+    the mean diagonal is added to ``H``'s diagonal; channels with a zero diagonal (never seen in
+    calibration) get a unit diagonal and no coupling, so they are rounded to nearest (kept, not
+    zeroed). Arithmetic in float64; the quantizer itself in float32, as :func:`quantize_weight`.
+    """
+    K, N = w.shape
+    W = w.detach().to(torch.float64).T.clone()  # [N, K]: GPTQ's layout, columns = inputs
+    H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
+    if H.shape != (K, K):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match K={K}")
+    dead = torch.diag(H) == 0
+    H[dead, :] = 0.0
+    H[:, dead] = 0.0
+    idx = torch.arange(K, device=W.device)
+    H[idx[dead], idx[dead]] = 1.0
+    H[idx, idx] += damp * torch.diag(H).mean()
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info):
+        raise ValueError(f"Hessian is not positive definite with damp={damp}")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    g = group if group else K
+    blk = g * max(1, block // g)  # whole groups per block: a group's scale sees updated weights
+    qmax = float(2 ** (bits - 1) - 1)
+    codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
+    scales = torch.zeros(N, -(-K // g), dtype=torch.float32, device=W.device)
+    scale = scales[:, 0]
+    for i1 in range(0, K, blk):
+        i2 = min(i1 + blk, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                scale = W1[:, i : i + g].to(torch.float32).abs().amax(dim=1) / qmax
+                scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+                scales[:, col // g] = scale
+            w_col = W1[:, i]
+            q = torch.clamp(torch.round(w_col.to(torch.float32) / scale), -qmax, qmax)
+            codes[:, col] = q
+            err = (w_col - (q * scale).to(torch.float64)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes.T.contiguous(), scales.T.contiguous()
+
+
+def layer_input_hessian(
+    hessian: torch.Tensor, inv_s: torch.Tensor, perm: torch.Tensor
+) -> torch.Tensor:
+    """Hessian of ``X^ = (X * inv_s)[..., perm]`` from that of ``X`` (original channel order)."""
+    h = hessian.to(torch.float64)
+    d = inv_s.to(device=h.device, dtype=torch.float64)
+    h = h * d[:, None] * d[None, :]
+    p = perm.to(h.device)
+    return h[p][:, p]
+
+
 # --------------------------------------------------------------------------- one layer
 
 
@@ -184,12 +262,22 @@ def build_layer_weights(
     rank: int,
     bits_w: Optional[int],
     group_w: int,
+    weight_quant: str = "rtn",
+    hessian: Optional[torch.Tensor] = None,
+    gptq_damp: float = 0.01,
 ) -> SerqLayerWeights:
     """Flatten by ``s``, sort channels by descending ``s``, split off the salient ``R``.
 
     ``weight_kn`` is ``[K, N]`` (``nn.Linear.weight.T``); ``s`` the floored per-input-channel
     absmax, or None for no flattening and no permutation (plain round to nearest).
+    ``weight_quant="gptq"`` quantizes the main weight with :func:`gptq_quantize_weight` against
+    ``hessian``, the ``[K, K]`` second moment of the layer's input in original channel order
+    (transformed here to the flattened, permuted input).
     """
+    if weight_quant not in WEIGHT_QUANTS:
+        raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
+    if weight_quant == "gptq" and bits_w is not None and hessian is None:
+        raise ValueError("weight_quant='gptq' needs the layer's input Hessian")
     w = weight_kn.detach().to(torch.float32)
     K, N = w.shape
     if s is None:
@@ -206,8 +294,14 @@ def build_layer_weights(
         residual[:r] -= R
     else:
         R = w_hat.new_zeros((0, N))
-    w_main = fake_quant_weight(residual, bits_w, group_w)
-    return SerqLayerWeights(inv_s=1.0 / s, perm=perm, w_hat=w_hat, w_main=w_main, R=R)
+    inv_s = 1.0 / s
+    if weight_quant == "gptq" and bits_w is not None:
+        h_hat = layer_input_hessian(hessian, inv_s, perm)
+        codes, scale = gptq_quantize_weight(residual, h_hat, bits_w, group_w, damp=gptq_damp)
+        w_main = dequantize_weight(codes, scale, group_w)
+    else:
+        w_main = fake_quant_weight(residual, bits_w, group_w)
+    return SerqLayerWeights(inv_s=inv_s, perm=perm, w_hat=w_hat, w_main=w_main, R=R)
 
 
 class SerqFakeQuantLinear(nn.Module):
@@ -245,8 +339,12 @@ class SerqFakeQuantLinear(nn.Module):
         rank: int = 128,
         group_w: int = 128,
         group_a: int = 128,
+        weight_quant: str = "rtn",
+        hessian: Optional[torch.Tensor] = None,
+        gptq_damp: float = 0.01,
     ) -> "SerqFakeQuantLinear":
-        lw = build_layer_weights(linear.weight.T, s, rank=rank, bits_w=bits_w, group_w=group_w)
+        lw = build_layer_weights(linear.weight.T, s, rank=rank, bits_w=bits_w, group_w=group_w,
+                                 weight_quant=weight_quant, hessian=hessian, gptq_damp=gptq_damp)
         return cls(lw, linear.bias, bits_a=bits_a, group_a=group_a)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,23 +401,38 @@ def _as_sequences(ids) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate_absmax(
-    model: nn.Module, calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` of every target's input over all calibration tokens.
+def _calibrate(
+    model: nn.Module, calib_ids, *, absmax: bool, hessian: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One float pass over the calibration sequences collecting the requested statistics.
 
-    Runs the model as it is (float), one sequence at a time. Keys are full module names
-    (``model.layers.0.self_attn.q_proj``); values float32 ``[K]``, not floored.
+    Targets fed the very same tensor (q/k/v, gate/up) share one Hessian accumulator, so memory
+    is one ``[K, K]`` float64 matrix per distinct input.
     """
     targets = _targets(model)
     stats: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this sequence's inputs, by identity
+    tokens = [0]
 
     def hook_for(name: str):
         def hook(_mod, args):
-            x = args[0].detach().to(torch.float32)
-            m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
-            prev = stats.get(name)
-            stats[name] = m if prev is None else torch.maximum(prev, m)
+            x = args[0]  # not detached: a detached view would be a new object each time
+            x2 = x.detach().to(torch.float32).reshape(-1, x.shape[-1])
+            if absmax:
+                m = x2.abs().amax(dim=0)
+                prev = stats.get(name)
+                stats[name] = m if prev is None else torch.maximum(prev, m)
+            if hessian and name not in alias:
+                first = seen.get(id(x))
+                if first is not None and first[0] is x:
+                    alias[name] = first[1]
+                    return
+                seen[id(x)] = (x, name)
+                xd = x2.to(torch.float64)
+                g = xd.T @ xd
+                grams[name] = g if name not in grams else grams[name] + g
 
         return hook
 
@@ -329,15 +442,44 @@ def calibrate_absmax(
     device = next(model.parameters()).device
     try:
         for seq in _as_sequences(calib_ids):
+            seen.clear()
             model(input_ids=seq[None].to(device), use_cache=False)
+            tokens[0] += int(seq.numel())
     finally:
+        seen.clear()
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [n for n in targets if n not in stats]
+    missing = [n for n in targets if (absmax and n not in stats)
+               or (hessian and n not in grams and n not in alias)]
     if missing:
         raise RuntimeError(f"calibration never reached {missing[:3]}")
-    return {n: stats[n].cpu() for n in targets}
+    hess = {n: grams[alias.get(n, n)] for n in targets} if hessian else {}
+    for n in {alias.get(n, n) for n in hess}:
+        grams[n] /= max(tokens[0], 1)  # shared by aliases: divided once, in place
+    return ({n: stats[n].cpu() for n in targets} if absmax else {}), hess
+
+
+def calibrate_absmax(
+    model: nn.Module, calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` of every target's input over all calibration tokens.
+
+    Runs the model as it is (float), one sequence at a time. Keys are full module names
+    (``model.layers.0.self_attn.q_proj``); values float32 ``[K]``, not floored.
+    """
+    return _calibrate(model, calib_ids, absmax=True, hessian=False)[0]
+
+
+def calibrate_hessians(
+    model: nn.Module, calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-token second moment ``mean_t x_t^T x_t`` (float64 ``[K, K]``) of every target's input.
+
+    The GPTQ Hessian up to a constant, in original channel order, from the float model. Keys as
+    in :func:`calibrate_absmax`; targets reading the same input share one tensor.
+    """
+    return _calibrate(model, calib_ids, absmax=False, hessian=True)[1]
 
 
 def apply_serq_fakequant(
@@ -352,6 +494,9 @@ def apply_serq_fakequant(
     method: str = "serq",
     scale_floor: float = 1e-5,
     absmax: Optional[dict[str, torch.Tensor]] = None,
+    weight_quant: str = "rtn",
+    gptq_damp: float = 0.01,
+    hessians: Optional[dict[str, torch.Tensor]] = None,
 ) -> nn.Module:
     """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
 
@@ -359,25 +504,38 @@ def apply_serq_fakequant(
     ``"flatten"`` (the same without ``R``) or ``"rtn"`` (plain round to nearest: no flattening,
     no permutation, no ``R``; needs no calibration). ``absmax`` reuses statistics from
     :func:`calibrate_absmax` instead of running the calibration again. ``bits_a`` / ``bits_w``
-    None disable that quantizer. The model is converted to float32 and returned.
+    None disable that quantizer. ``weight_quant="gptq"`` quantizes each main weight with GPTQ
+    (dampening ``gptq_damp``) against its input Hessian from the float model on ``calib_ids``
+    (or ``hessians``, from :func:`calibrate_hessians`). The model is converted to float32 and
+    returned.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if weight_quant not in WEIGHT_QUANTS:
+        raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
     model.float()
     targets = _targets(model)
+    need_absmax = method != "rtn" and absmax is None
+    need_hess = weight_quant == "gptq" and bits_w is not None and hessians is None
+    if need_absmax or need_hess:
+        if calib_ids is None:
+            what = "absmax" if need_absmax else "hessians"
+            raise ValueError(f"method {method!r} with weight_quant {weight_quant!r} needs "
+                             f"calib_ids or {what}")
+        got_absmax, got_hess = _calibrate(model, calib_ids, absmax=need_absmax,
+                                          hessian=need_hess)
+        absmax = got_absmax if need_absmax else absmax
+        hessians = got_hess if need_hess else hessians
     if method == "rtn":
         scales: dict[str, Optional[torch.Tensor]] = {n: None for n in targets}
     else:
-        if absmax is None:
-            if calib_ids is None:
-                raise ValueError(f"method {method!r} needs calib_ids or absmax")
-            absmax = calibrate_absmax(model, calib_ids)
         scales = {n: floor_scales(absmax[n], scale_floor) for n in targets}
     r = rank if method == "serq" else 0
     for name, lin in targets.items():
         new = SerqFakeQuantLinear.from_linear(
             lin, scales[name], bits_a=bits_a, bits_w=bits_w, rank=r, group_w=group_w,
-            group_a=group_a,
+            group_a=group_a, weight_quant=weight_quant, gptq_damp=gptq_damp,
+            hessian=None if hessians is None else hessians[name],
         ).to(lin.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -388,18 +546,21 @@ def fakequant_logits(
     hf_dir: Union[str, Path],
     calib_ids: Union[torch.Tensor, Sequence[torch.Tensor], None],
     eval_ids: Union[torch.Tensor, np.ndarray],
+    *,
+    weight_quant: str = "rtn",
     **kw,
 ) -> np.ndarray:
     """Load a Hugging Face causal LM in float32, fake-quantize it, return logits of ``eval_ids``.
 
     ``eval_ids`` is ``[batch, seq]`` (no padding); the result is float32 ``[batch, seq, vocab]``.
-    Keyword arguments go to :func:`apply_serq_fakequant`.
+    ``weight_quant`` (``"rtn"`` or ``"gptq"``) and the other keyword arguments go to
+    :func:`apply_serq_fakequant`.
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager")
     model.float().eval()
-    apply_serq_fakequant(model, calib_ids, **kw)
+    apply_serq_fakequant(model, calib_ids, weight_quant=weight_quant, **kw)
     ids = torch.as_tensor(np.asarray(eval_ids), dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]

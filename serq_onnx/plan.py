@@ -19,6 +19,7 @@ SCHEMES = {
     "w4a4": (4, 4),
 }
 METHODS = ("serq", "rtn", "flatten")
+WEIGHT_QUANTS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,20 @@ class ConvertConfig:
     group_a: int = 128
     method: str = "serq"
     scale_floor: float = 1e-5
+    weight_quant: str = "rtn"  # how the main weight is rounded: to nearest, or GPTQ
+    gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise SerqError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         if self.method not in METHODS:
             raise SerqError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.weight_quant not in WEIGHT_QUANTS:
+            raise SerqError(f"unknown weight quantizer {self.weight_quant!r}; choose one of "
+                            f"{', '.join(WEIGHT_QUANTS)}")
+        damp = self.gptq_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+            raise SerqError(f"gptq_damp must be a number in (0, 1], got {damp!r}")
         if self.rank < 0:
             raise SerqError(f"--rank must be >= 0, got {self.rank}")
         if self.group_w < 2 or self.group_w % 2:
@@ -57,6 +66,11 @@ class ConvertConfig:
     @property
     def flattens(self) -> bool:
         return self.method in ("serq", "flatten")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Flattening needs the absmax statistics; GPTQ needs the input Gram matrices."""
+        return self.flattens or self.weight_quant == "gptq"
 
     @property
     def effective_rank(self) -> int:
@@ -98,6 +112,8 @@ class InputGroup:
     gate: Target | None = None  # mlp_act: the gate and up projections feeding it
     up: Target | None = None
     absmax: np.ndarray | None = None
+    gram: np.ndarray | None = None  # float64 [K, K]: sum over calibration tokens of x^T x
+    tokens: int = 0  # calibration tokens behind ``gram``
     s: np.ndarray | None = None
     perm: np.ndarray | None = None
     folded: list[str] = field(default_factory=list)  # what was folded statically, for reports

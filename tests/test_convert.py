@@ -66,6 +66,27 @@ def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_
     assert report.layers_converted == 14
 
 
+@pytest.mark.parametrize("scheme,method", [("w4a8", "serq"), ("w4a4", "rtn")])
+def test_gptq_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, method,
+                                                      tmp_path):
+    """GPTQ main weights: the ONNX converter and the torch fake-quant, each with its own GPTQ."""
+    calib_ids, eval_ids = calib
+    report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, method=method,
+                     calib_ids=calib_ids, weight_quant="gptq", progress=False, **SETTINGS)
+    got = _onnx_logits(tmp_path / "out" / "model.onnx", eval_ids)
+    flt = _float_logits(tiny_llama.onnx_path, eval_ids)
+    ref = fakequant_logits(tiny_llama.hf_dir, [torch.as_tensor(s) for s in calib_ids],
+                           torch.as_tensor(eval_ids)[None], bits_a=8 if scheme == "w4a8" else 4,
+                           bits_w=4, method=method, weight_quant="gptq", **SETTINGS)
+    ref = np.asarray(ref, np.float64).reshape(got.shape)
+    to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
+    # Tolerances as in the RTN test above (measured: 2e-7 relative, no code flips).
+    assert to_ref.rel_rms < 2e-3 and to_ref.rel_rms < to_float.rel_rms / 50, (to_ref, to_float)
+    assert to_ref.top1_agree >= 0.95
+    assert to_float.rel_rms < (0.1 if scheme == "w4a8" else 0.5), to_float
+    assert report.config["weight_quant"] == "gptq" and report.timings["gptq"] > 0
+
+
 def test_converted_graph_structure(tiny_llama, calib, tmp_path):
     calib_ids, _ = calib
     convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids, progress=False,

@@ -1,0 +1,139 @@
+"""GPTQ for the residual main weight (Frantar et al., 2023), an alternative to round to nearest.
+
+The main weight multiplies ``X^ = (X / s)[..., pi]``, so its Hessian is that of ``X^``:
+``H^ = D P H P^T D`` with ``H = sum_t x_t^T x_t`` from calibration (original channel order),
+``P`` the saliency permutation and ``D = diag(1 / s[pi])``. Rows of ``W^`` (input channels) are
+quantized in natural order -- the permutation already puts the salient channels first, and the
+op needs each weight group to be ``group_w`` consecutive rows -- and each row's rounding error is
+spread over the rows not yet quantized. A group's scale is taken from the error-updated weights
+when the sweep reaches its first row (static groups), with the same rule as
+``reference.quantize_weight``, so the codes and scales satisfy the op contract unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from serq_onnx import reference
+from serq_onnx.errors import SerqError
+from serq_onnx.plan import InputGroup, Plan
+
+
+def layer_hessian(gram: np.ndarray, tokens: int, s: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """The per-token Hessian of the layer input ``X^ = (X / s)[..., perm]`` from ``sum x^T x``.
+
+    ``H^[i, j] = H[perm[i], perm[j]] / (s[perm[i]] s[perm[j]]) / tokens``, float64 ``[K, K]``.
+    """
+    inv = 1.0 / np.asarray(s, np.float64)
+    h = np.asarray(gram, np.float64) * inv[:, None] * inv[None, :] / max(int(tokens), 1)
+    perm = np.asarray(perm, np.int64)
+    return h[np.ix_(perm, perm)]
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """Upper ``U`` with ``h^-1 = U^T U``: one Cholesky of the reversed ``h``, one triangular
+    inverse (``J L^-1 J`` for ``J h J = L L^T``), never forming ``h^-1`` itself."""
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    inv = np.tril(np.linalg.solve(lower, np.eye(h.shape[0])))
+    return np.ascontiguousarray(inv[::-1, ::-1])
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
+                  damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ of ``w: [K, N]`` (rows = input channels) against the input Hessian ``[K, K]``.
+
+    Symmetric ``bits``-bit codes in groups of ``group`` rows (0: one group), like
+    ``reference.quantize_weight``: returns ``(codes int8 [K, N], scales float32 [G, N])``.
+    ``damp`` times the mean diagonal is added to the diagonal. Channels that calibration never
+    saw (zero diagonal) are rounded to nearest and exchange no error with the others; they are
+    not zeroed as in the GPTQ paper, since other text may well use them.
+    """
+    W = np.array(w, dtype=np.float64)
+    K, N = W.shape
+    H = np.array(hessian, dtype=np.float64)
+    if H.shape != (K, K):
+        raise SerqError(f"Hessian shape {H.shape} does not match the weight's K={K}")
+    if not np.all(np.isfinite(H)):
+        raise SerqError("the GPTQ Hessian holds NaN or infinite values")
+    diag = np.arange(K)
+    dead = H[diag, diag] == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[diag[dead], diag[dead]] = 1
+    H[diag, diag] += damp * H[diag, diag].mean()
+    try:
+        U = _inverse_cholesky_upper(H)
+    except np.linalg.LinAlgError:
+        raise SerqError(f"the GPTQ Hessian is not positive definite with dampening {damp}; "
+                        "use a larger gptq_damp or more calibration text") from None
+
+    g = group if group else K
+    # Whole groups per block, so a group's rows are up to date when its scale is computed.
+    blk = g * max(1, block // g)
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    codes = np.zeros((K, N), np.int8)
+    scales = np.zeros((-(-K // g), N), np.float32)
+    scale = scales[0]
+    for i1 in range(0, K, blk):
+        i2 = min(i1 + blk, K)
+        W1, U1 = W[i1:i2], U[i1:i2, i1:i2]
+        E1 = np.zeros((i2 - i1, N))
+        for i in range(i2 - i1):
+            k = i1 + i
+            if k % g == 0:
+                ws = W[k:min(k + g, K)].astype(np.float32)
+                scale = (np.abs(ws).max(axis=0) / qmax).astype(np.float32)
+                scale[scale == 0] = 1
+                scales[k // g] = scale
+            q = np.clip(np.rint(W1[i].astype(np.float32) / scale), -qmax, qmax)
+            codes[k] = q
+            err = (W1[i] - (q * scale).astype(np.float64)) / U1[i, i]
+            W1[i + 1:] -= np.outer(U1[i, i + 1:], err)
+            E1[i] = err
+        W[i2:] -= U[i1:i2, i2:].T @ E1
+    return codes, scales
+
+
+class GPTQPass(ir.passes.InPlacePass):
+    """Quantize every residual main weight with GPTQ and pack the op inputs.
+
+    A drop-in for ``QuantizeWeightsPass`` when ``config.weight_quant == "gptq"``: it needs the
+    calibration Gram matrices (``CalibratePass``) and the flattening (``FoldFlatteningPass``).
+    Targets of one group share one input, hence one Hessian; they are quantized together (GPTQ
+    treats output columns independently, so this equals quantizing them one by one).
+    """
+
+    def __init__(self, plan: Plan, progress: bool = True):
+        super().__init__()
+        self.plan = plan
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with tqdm(total=len(self.plan.targets), desc="GPTQ", unit="layer",
+                  disable=not self.progress) as bar:
+            for group in self.plan.groups:
+                self._quantize_group(group)
+                bar.update(len(group.targets))
+        return ir.passes.PassResult(model, modified=False)
+
+    def _quantize_group(self, group: InputGroup) -> None:
+        cfg = self.plan.config
+        if group.gram is None or group.s is None or group.perm is None:
+            raise SerqError(f"GPTQ for {group.name} needs calibration Gram matrices and the "
+                            "flattening scales; run CalibratePass and FoldFlatteningPass first")
+        hessian = layer_hessian(group.gram, group.tokens, group.s, group.perm)
+        w = np.concatenate([t.residual for t in group.targets], axis=1)
+        codes, scales = gptq_quantize(w, hessian, cfg.bits_w, cfg.group_w, damp=cfg.gptq_damp)
+        start = 0
+        for t in group.targets:
+            cols = slice(start, start + t.N)
+            start += t.N
+            layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
+                                      group_a=cfg.group_a, bits_w=cfg.bits_w, bits_a=cfg.bits_a)
+            t.weights = reference.assemble_weights(
+                layout, np.ascontiguousarray(codes[:, cols]),
+                np.ascontiguousarray(scales[:, cols]), t.r_codes, t.r_scale)
+            t.residual = None
+        group.gram = None  # K x K float64 per group: free it as soon as it is used
