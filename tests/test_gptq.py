@@ -66,7 +66,7 @@ def test_gptq_dead_channels_are_rounded_not_zeroed():
         assert np.all(np.abs(deq[k] - w[k]) <= scales[k // 16] / 2 * (1 + 1e-6))
         assert np.any(codes[k] != 0)
     # A Hessian that is all zero (nothing seen at all) degenerates to round to nearest.
-    codes0, scales0 = gptq_quantize(w, np.zeros((80, 80)), 4, 16)
+    codes0, _ = gptq_quantize(w, np.zeros((80, 80)), 4, 16)
     np.testing.assert_array_equal(codes0, reference.quantize_weight(w, 4, 16)[0])
 
 
