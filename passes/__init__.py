@@ -8,7 +8,9 @@ from .calibrate import CalibratePass
 from .cleanup import CleanupPass
 from .find_targets import FindTargetsPass
 from .fold_flattening import FoldFlatteningPass
+from .fuse_siblings import FuseSiblingsPass
 from .gptq import GPTQPass
+from .lowrank_branch import LowRankBranchPass, LowRankFactorsPass
 from .permute_weights import PermuteWeightsPass
 from .quantize import QuantizeWeightsPass
 from .replace_matmul import ReplaceMatMulPass
@@ -20,7 +22,10 @@ __all__ = [
     "CleanupPass",
     "FindTargetsPass",
     "FoldFlatteningPass",
+    "FuseSiblingsPass",
     "GPTQPass",
+    "LowRankBranchPass",
+    "LowRankFactorsPass",
     "PermuteWeightsPass",
     "QuantizeWeightsPass",
     "ReplaceMatMulPass",

@@ -4,7 +4,8 @@ Each group input gets ``ReduceMax(Abs(Reshape(x, [-1, K])), axis 0)`` as an extr
 so a forward pass returns only ``[K]`` vectors per group and memory stays flat however many
 calibration tokens are streamed through. For GPTQ each group input also gets its Gram matrix
 ``x^T x`` (``[K, K]`` float32 per sequence, from ``Transpose`` and ``MatMul`` in the graph),
-summed over sequences in float64.
+summed over sequences in float64. For L2QER each group input also gets the per-channel sum of
+``|x|`` (``ReduceSum`` next to the ``ReduceMax``), from which the mean ``|x|`` over all tokens.
 """
 
 from __future__ import annotations
@@ -37,8 +38,22 @@ def _gram_nodes(flat: ir.Value, K: int, prefix: str) -> tuple[list[ir.Node], ir.
     return [xt, mm], out
 
 
-def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool
-                ) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+def _abssum_nodes(absv: ir.Value, K: int, prefix: str, opset: int, axes: ir.Value | None
+                  ) -> tuple[list[ir.Node], ir.Value]:
+    """``ReduceSum(|x|, axis 0)`` of the flattened ``[T, K]`` input."""
+    out = ir.Value(name=f"{prefix}/abssum", shape=ir.Shape([K]),
+                   type=ir.TensorType(absv.dtype or ir.DataType.FLOAT))
+    if opset >= 13:
+        node = ir.node("ReduceSum", [absv, axes], attributes={"keepdims": 0},
+                       name=f"{prefix}/ReduceSum", outputs=[out])
+    else:
+        node = ir.node("ReduceSum", [absv], attributes={"keepdims": 0, "axes": [0]},
+                       name=f"{prefix}/ReduceSum", outputs=[out])
+    return [node], out
+
+
+def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
+                abssum: bool = False) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
     prefix = f"serq_calib/{index}"
     shape = ir.Value(name=f"{prefix}/shape", const_value=ir.tensor(np.array([-1, K], np.int64)))
     flat = ir.node("Reshape", [value, shape], name=f"{prefix}/Reshape",
@@ -57,6 +72,15 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool
                       name=f"{prefix}/ReduceMax", outputs=[out])
         inits = [shape]
     nodes, outs = [flat, absv, red], [out]
+    if abssum:
+        sum_axes = None
+        if opset >= 13:
+            sum_axes = ir.Value(name=f"{prefix}/sum_axes",
+                                const_value=ir.tensor(np.array([0], np.int64)))
+            inits.append(sum_axes)
+        s_nodes, s_out = _abssum_nodes(absv.outputs[0], K, prefix, opset, sum_axes)
+        nodes += s_nodes
+        outs.append(s_out)
     if gram:
         g_nodes, g_out = _gram_nodes(flat.outputs[0], K, prefix)
         nodes += g_nodes
@@ -69,7 +93,7 @@ class CalibratePass(ir.passes.InPlacePass):
 
     When the plan's config asks for GPTQ, also ``group.gram`` (float64 ``[K, K]``, the sum of
     ``x^T x`` over every calibration token, in the input's original channel order) and
-    ``group.tokens``.
+    ``group.tokens``. For L2QER, also ``group.absmean`` (per-channel mean ``|x|``).
     """
 
     def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True):
@@ -87,9 +111,11 @@ class CalibratePass(ir.passes.InPlacePass):
         graph = model.graph
         opset = _opset(model)
         want_gram = self.plan.config.weight_quant == "gptq"
+        want_abssum = self.plan.config.method == "l2qer"
         added_nodes, added_inits, stat_outputs = [], [], []
         for i, group in enumerate(self.plan.groups):
-            nodes, outs, inits = _stat_nodes(group.value, group.K, i, opset, want_gram)
+            nodes, outs, inits = _stat_nodes(group.value, group.K, i, opset, want_gram,
+                                             want_abssum)
             added_nodes += nodes
             added_inits += inits
             stat_outputs += outs
@@ -112,22 +138,30 @@ class CalibratePass(ir.passes.InPlacePass):
                 graph.initializers.pop(v.name)
         names = [v.name for v in stat_outputs]
         inputs = sess.get_inputs()
-        per_group = 2 if want_gram else 1
+        per_group = 1 + want_abssum + want_gram
         absmax = [np.zeros(g.K, np.float32) for g in self.plan.groups]
         grams = [np.zeros((g.K, g.K), np.float64) for g in self.plan.groups] if want_gram else []
+        abssums = [np.zeros(g.K, np.float64) for g in self.plan.groups] if want_abssum else []
         tokens = 0
         for seq in tqdm(self.sequences, desc="calibrating", unit="seq", disable=not self.progress):
             outs = sess.run(names, causal_lm_feeds(inputs, seq))
             tokens += len(seq)
             for acc, o in zip(absmax, outs[::per_group]):
                 np.maximum(acc, o, out=acc)
-            for acc, o in zip(grams, outs[1::per_group]):
+            for acc, o in zip(abssums, outs[1::per_group]):
+                acc += o
+            for acc, o in zip(grams, outs[1 + want_abssum::per_group]):
                 acc += o
         for i, (group, a) in enumerate(zip(self.plan.groups, absmax)):
             if not np.all(np.isfinite(a)):
                 raise SerqError(f"calibration saw NaN or infinite activations at {group.name}: "
                                 "the float model itself overflows on this text")
             group.absmax = a
+            if want_abssum:
+                if not np.all(np.isfinite(abssums[i])):
+                    raise SerqError(f"the calibration sum of |x| at {group.name} overflows "
+                                    "float32; L2QER cannot be used on this model")
+                group.absmean, group.tokens = abssums[i] / max(tokens, 1), tokens
             if want_gram:
                 if not np.all(np.isfinite(grams[i])):
                     raise SerqError(f"the calibration Gram matrix of {group.name} overflows "

@@ -7,6 +7,9 @@ gate and up columns; whatever cannot be folded becomes a run-time ``Gather``/``M
 the layers, which ``ReplaceMatMulPass`` later absorbs into ``SerqMatMul``'s ``act_perm`` and
 ``act_scale`` inputs. The graph stays a float graph that computes the original function, which
 ``VerifyFoldPass`` checks.
+
+The SmoothQuant baseline (``method="smoothquant"``) reuses the same folds with its own scales
+``s_j = max|X_j|^alpha / max_n |W_jn|^(1-alpha)`` and the identity order.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from serq_onnx.plan import InputGroup, Plan, initializer_array, set_initializer
+from serq_onnx.plan import (
+    ConvertConfig,
+    InputGroup,
+    Plan,
+    initializer_array,
+    set_initializer,
+)
 
 from .find_targets import constant_of
 
@@ -30,6 +39,33 @@ def flatten_scales(absmax: np.ndarray, floor: float) -> np.ndarray:
 
 def saliency_order(s: np.ndarray) -> np.ndarray:
     return np.argsort(-s, kind="stable").astype(np.int64)
+
+
+def smooth_scales(absmax: np.ndarray, wmax: np.ndarray, alpha: float,
+                  floor: float) -> np.ndarray:
+    """SmoothQuant's ``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel.
+
+    ``wmax`` is each input channel's max |w| over every weight reading the input; it is floored
+    like ``s`` (so an all-zero row does not divide by 0), the powers are taken in float64 and the
+    result is floored with :func:`flatten_scales`.
+    """
+    w = flatten_scales(wmax, floor).astype(np.float64)
+    a = np.asarray(absmax, np.float32).astype(np.float64)
+    return flatten_scales(a ** alpha / w ** (1.0 - alpha), floor)
+
+
+def group_scales(group: InputGroup, config: ConvertConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, perm)`` of a group: SERQ's absmax and saliency order, or SmoothQuant's scales."""
+    if group.absmax is None:
+        raise RuntimeError("FoldFlatteningPass needs calibration statistics")
+    if config.method == "smoothquant":
+        # Read before any fold or permutation touches the weights: the original rows.
+        wmax = np.max([np.abs(initializer_array(t.weight)).max(axis=1) for t in group.targets],
+                      axis=0)
+        s = smooth_scales(group.absmax, wmax, config.smooth_alpha, config.scale_floor)
+        return s, np.arange(group.K, dtype=np.int64)
+    s = flatten_scales(group.absmax, config.scale_floor)
+    return s, saliency_order(s)
 
 
 def _only_used_by(value: ir.Value, nodes: set) -> bool:
@@ -49,10 +85,7 @@ class FoldFlatteningPass(ir.passes.InPlacePass):
                 group.s = np.ones(K, np.float32)
                 group.perm = np.arange(K, dtype=np.int64)
                 continue
-            if group.absmax is None:
-                raise RuntimeError("FoldFlatteningPass needs calibration statistics")
-            group.s = flatten_scales(group.absmax, cfg.scale_floor)
-            group.perm = saliency_order(group.s)
+            group.s, group.perm = group_scales(group, cfg)
         # Column folds change the gate/up weights of *other* groups; row transforms of those
         # weights happen later (PermuteWeightsPass), and the two commute.
         for group in self.plan.groups:
@@ -62,7 +95,8 @@ class FoldFlatteningPass(ir.passes.InPlacePass):
 
     def _fold(self, graph: ir.Graph, group: InputGroup) -> None:
         inv = (np.float32(1) / group.s).astype(np.float32)
-        static_scale = static_perm = False
+        static_scale = False
+        static_perm = bool(np.array_equal(group.perm, np.arange(group.K)))  # nothing to apply
         if group.kind == "norm":
             # A fresh initializer per norm: gamma may be shared (deduplicated) with other norms.
             norm = group.value.producer()

@@ -18,8 +18,13 @@ def _add_convert(sub) -> None:
     p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"])
-    p.add_argument("--method", default="serq", choices=["serq", "rtn", "flatten"],
-                   help="serq (default); rtn: no flattening, no R; flatten: no R")
+    p.add_argument("--method", default="serq",
+                   choices=["serq", "rtn", "flatten", "smoothquant", "l2qer"],
+                   help="serq (default); rtn: no flattening, no R; flatten: no R; baselines: "
+                   "smoothquant (scales max|X|^alpha / max|W|^(1-alpha)), l2qer (two-factor "
+                   "low-rank error correction of --rank, 8-bit factors)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--rank", type=int, default=128, help="salient channels r (default 128)")
     p.add_argument("--group-w", type=int, default=128, help="weight group size along K")
     p.add_argument("--group-a", type=int, default=128,
@@ -30,6 +35,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--no-fuse", action="store_true",
+                   help="one SerqMatMul per linear layer (default: q/k/v and gate/up, which read "
+                   "the same activation, share one node that quantizes it once)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the converted model with the float one")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -44,7 +52,8 @@ def _convert(args) -> int:
                      group_w=args.group_w, group_a=args.group_a, method=args.method,
                      calib=args.calib, calib_samples=args.calib_samples,
                      calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
-                     verify=not args.no_verify,
+                     smooth_alpha=args.alpha,
+                     verify=not args.no_verify, fuse=not args.no_fuse,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(report.summary())
     return 0

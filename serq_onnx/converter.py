@@ -27,6 +27,7 @@ class ConversionReport:
     output: str
     config: dict
     layers_converted: int
+    serq_nodes: int
     layers_by_role: dict
     folds: dict
     bytes_before: int
@@ -42,7 +43,9 @@ class ConversionReport:
         roles = ", ".join(f"{k} {v}" for k, v in sorted(self.layers_by_role.items()))
         mb = 1024 * 1024
         return "\n".join([
-            f"converted {self.layers_converted} linear layers to SerqMatMul ({roles})",
+            f"converted {self.layers_converted} linear layers to SerqMatMul ({roles}) in "
+            f"{self.serq_nodes} nodes" + (" (layers reading the same activation share one)"
+                                         if self.serq_nodes < self.layers_converted else ""),
             f"scheme {self.config['scheme']}, method {self.config['method']}, rank "
             f"{self.config['rank']}, groups w{self.config['group_w']}/a{self.config['group_a']}, "
             f"main weight {self.config.get('weight_quant', 'rtn')}",
@@ -102,15 +105,17 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             rank: int = 128, group_w: int = 128, group_a: int = 128, method: str = "serq",
             calib: str | os.PathLike | None = None, calib_samples: int = 128,
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
-            weight_quant: str = "rtn", verify: bool = True, overwrite: bool = False,
-            progress: bool = True, log=print) -> ConversionReport:
+            weight_quant: str = "rtn", fuse: bool = True, verify: bool = True, overwrite: bool = False,
+            progress: bool = True, smooth_alpha: float = 0.5, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
     (config, tokenizer, generation config), so it loads wherever the original loaded. Nothing is
     left in ``output`` unless conversion succeeds. ``weight_quant``: ``"rtn"`` rounds the main
     weight to nearest; ``"gptq"`` compensates rounding errors with the Hessian of each layer's
-    calibration inputs (slower, more accurate).
+    calibration inputs (slower, more accurate). ``method`` ``"smoothquant"`` (migration strength
+    ``smooth_alpha``) and ``"l2qer"`` (low-rank error correction of rank ``rank``) are baselines
+    built from the same groups, bits and kernels as SERQ, for comparison.
     """
     from serq_onnx import passes
 
@@ -118,7 +123,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     timings: dict[str, float] = {}
     model_path, out_dir = Path(model), Path(output)
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
-                           method=method, weight_quant=weight_quant)
+                           method=method, weight_quant=weight_quant, smooth_alpha=smooth_alpha)
     if not model_path.is_file():
         raise SerqError(f"model file not found: {model_path}")
     if out_dir.resolve() == model_path.parent.resolve():
@@ -168,7 +173,13 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         timings["gptq"] = time.perf_counter() - tq
     else:
         passes.QuantizeWeightsPass(plan, progress=progress)(ir_model)
+    if config.method == "l2qer":
+        passes.LowRankFactorsPass(plan)(ir_model)
     passes.ReplaceMatMulPass(plan)(ir_model)
+    if config.method == "l2qer":
+        passes.LowRankBranchPass(plan)(ir_model)
+    if fuse:
+        passes.FuseSiblingsPass(plan)(ir_model)
     passes.CleanupPass()(ir_model)
     timings["quantization"] = time.perf_counter() - t - timings.get("gptq", 0.0)
 
@@ -204,6 +215,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         report = ConversionReport(
             model=str(model_path), output=str(out_dir / model_path.name), config=asdict(config),
             layers_converted=len(plan.targets), layers_by_role=roles, folds=folds,
+            serq_nodes=sum(n.op_type == "SerqMatMul" for n in ir_model.graph),
             bytes_before=bytes_before, bytes_after=_dir_size(tmp_out) - sum(
                 p.stat().st_size for p in tmp_out.iterdir()
                 if p.is_file() and p.name not in {out_model.name, out_model.name + ".data"}),

@@ -28,6 +28,7 @@ __all__ = [
     "apply_serq_fakequant",
     "build_layer_weights",
     "calibrate_absmax",
+    "calibrate_absmean",
     "calibrate_hessians",
     "fake_quant_activations",
     "fake_quant_weight",
@@ -35,8 +36,10 @@ __all__ = [
     "floor_scales",
     "gptq_quantize_weight",
     "layer_input_hessian",
+    "lowrank_error_factors",
     "quantize_activations",
     "quantize_weight",
+    "smoothquant_scales",
 ]
 
 # The linear layers of a decoder block that SERQ replaces (lm_head and embeddings stay float).
@@ -50,7 +53,16 @@ TARGETS = (
     "mlp.down_proj",
 )
 
-METHODS = ("serq", "flatten", "rtn")
+METHODS = ("serq", "flatten", "rtn", "smoothquant", "l2qer")
+
+# Targets reading the same activation (one SmoothQuant scale per group).
+INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+LOWRANK_BITS = 8  # L2QER: bits of both low-rank factors and of the intermediate X A
 WEIGHT_QUANTS = ("rtn", "gptq")
 
 
@@ -229,7 +241,8 @@ class SerqLayerWeights:
     """Offline SERQ data of one linear layer, all float32 and dequantized.
 
     ``X^ = (X * inv_s)[..., perm]``; ``Y = Qa(X^) @ w_main + Qa(X^)[..., :rank] @ R``.
-    ``w_hat`` is the exact flattened, permuted weight, kept for error analysis.
+    ``w_hat`` is the exact flattened, permuted weight, kept for error analysis. L2QER adds the
+    quantized low-rank factors ``A [K, r]``, ``B [r, N]``: ``+ Q8(Qa(X^) @ A) @ B``.
     """
 
     inv_s: torch.Tensor  # [K], in original channel order
@@ -237,6 +250,8 @@ class SerqLayerWeights:
     w_hat: torch.Tensor  # [K, N]
     w_main: torch.Tensor  # [K, N]
     R: torch.Tensor  # [rank, N]
+    A: Optional[torch.Tensor] = None  # [K, r], L2QER only
+    B: Optional[torch.Tensor] = None  # [r, N]
 
     @property
     def rank(self) -> int:
@@ -255,6 +270,47 @@ def floor_scales(s: torch.Tensor, scale_floor: float) -> torch.Tensor:
     return torch.maximum(s, scale_floor * s.max())
 
 
+def smoothquant_scales(
+    absmax: torch.Tensor, weights_kn: Sequence[torch.Tensor], alpha: float, scale_floor: float
+) -> torch.Tensor:
+    """SmoothQuant (Xiao et al.): ``s_j = max|X_j|^alpha / max|W_j.|^(1-alpha)``, floored.
+
+    ``weights_kn`` are the ``[K, N]`` weights of every layer reading this input; their row
+    maxima are taken together and floored first (an all-zero row must not divide by 0). The
+    powers are computed in float64.
+    """
+    wmax = torch.stack([w.detach().to(torch.float32).abs().amax(dim=1) for w in weights_kn])
+    wmax = wmax.amax(dim=0)
+    if float(wmax.max()) == 0:
+        wmax = torch.ones_like(wmax)
+    w = floor_scales(wmax, scale_floor).to(torch.float64)
+    a = absmax.to(torch.float32).to(torch.float64)
+    s = floor_scales((a**alpha / w ** (1.0 - alpha)).to(torch.float32), scale_floor)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def lowrank_error_factors(
+    w_kn: torch.Tensor, w_deq: torch.Tensor, absmean: torch.Tensor, rank: int, scale_floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2QER (Zhang et al., 2024): rank-``rank`` factors of the weight error, float64.
+
+    ``S E = U Sigma V^T`` with ``E = w_kn - w_deq`` and ``S = diag(a)``, ``a`` the floored
+    per-channel mean ``|x|``; returns ``A = S^-1 U_r Sigma_r`` ``[K, r]`` and ``B = V_r^T``
+    ``[r, N]``. Each singular pair's sign is fixed (largest-magnitude entry of ``U``'s column
+    positive): a sign flip leaves ``A B`` alone but changes how the intermediate ``X A`` is
+    quantized (its per-token range is asymmetric), so it is pinned down.
+    """
+    a = floor_scales(absmean, scale_floor).to(torch.float64)
+    err = w_kn.detach().to(torch.float32).to(torch.float64) - w_deq.to(torch.float64)
+    u, sig, vh = torch.linalg.svd(a[:, None] * err, full_matrices=False)
+    u, sig, vh = u[:, :rank], sig[:rank], vh[:rank]
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u[idx, torch.arange(u.shape[1])])
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    u, vh = u * sign[None, :], vh * sign[:, None]
+    return (u * sig[None, :]) / a[:, None], vh
+
+
 def build_layer_weights(
     weight_kn: torch.Tensor,
     s: Optional[torch.Tensor],
@@ -265,6 +321,10 @@ def build_layer_weights(
     weight_quant: str = "rtn",
     hessian: Optional[torch.Tensor] = None,
     gptq_damp: float = 0.01,
+    permute: bool = True,
+    lowrank: int = 0,
+    absmean: Optional[torch.Tensor] = None,
+    scale_floor: float = 1e-5,
 ) -> SerqLayerWeights:
     """Flatten by ``s``, sort channels by descending ``s``, split off the salient ``R``.
 
@@ -272,7 +332,9 @@ def build_layer_weights(
     absmax, or None for no flattening and no permutation (plain round to nearest).
     ``weight_quant="gptq"`` quantizes the main weight with :func:`gptq_quantize_weight` against
     ``hessian``, the ``[K, K]`` second moment of the layer's input in original channel order
-    (transformed here to the flattened, permuted input).
+    (transformed here to the flattened, permuted input). ``permute=False`` keeps the channel
+    order (SmoothQuant). ``lowrank > 0`` adds L2QER's factors of the main weight's error, scaled
+    by ``absmean`` (per-channel mean ``|x|``), quantized to 8 bits in groups of ``group_w``.
     """
     if weight_quant not in WEIGHT_QUANTS:
         raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
@@ -285,7 +347,7 @@ def build_layer_weights(
         perm = torch.arange(K, device=w.device)
     else:
         s = s.detach().to(device=w.device, dtype=torch.float32)
-        perm = torch.argsort(-s, stable=True)
+        perm = torch.argsort(-s, stable=True) if permute else torch.arange(K, device=w.device)
     w_hat = (s[:, None] * w)[perm]
     r = max(0, min(rank, K))
     residual = w_hat.clone()
@@ -301,7 +363,16 @@ def build_layer_weights(
         w_main = dequantize_weight(codes, scale, group_w)
     else:
         w_main = fake_quant_weight(residual, bits_w, group_w)
-    return SerqLayerWeights(inv_s=inv_s, perm=perm, w_hat=w_hat, w_main=w_main, R=R)
+    A = B = None
+    r_lr = max(0, min(lowrank, K, N))
+    if r_lr and bits_w is not None:
+        if absmean is None:
+            raise ValueError("the L2QER low-rank branch needs the per-channel mean |x|")
+        a_f, b_f = lowrank_error_factors(w_hat, w_main, absmean[perm.cpu()].to(w.device),
+                                         r_lr, scale_floor)
+        A = fake_quant_weight(a_f, LOWRANK_BITS, group_w)
+        B = fake_quant_weight(b_f, LOWRANK_BITS, group_w)
+    return SerqLayerWeights(inv_s=inv_s, perm=perm, w_hat=w_hat, w_main=w_main, R=R, A=A, B=B)
 
 
 class SerqFakeQuantLinear(nn.Module):
@@ -324,6 +395,8 @@ class SerqFakeQuantLinear(nn.Module):
         self.register_buffer("perm", lw.perm.contiguous())
         self.register_buffer("w_main", lw.w_main.contiguous())
         self.register_buffer("R", lw.R.contiguous())
+        self.register_buffer("A", None if lw.A is None else lw.A.contiguous())
+        self.register_buffer("B", None if lw.B is None else lw.B.contiguous())
         self.register_buffer(
             "bias", None if bias is None else bias.detach().to(torch.float32).clone()
         )
@@ -342,9 +415,15 @@ class SerqFakeQuantLinear(nn.Module):
         weight_quant: str = "rtn",
         hessian: Optional[torch.Tensor] = None,
         gptq_damp: float = 0.01,
+        permute: bool = True,
+        lowrank: int = 0,
+        absmean: Optional[torch.Tensor] = None,
+        scale_floor: float = 1e-5,
     ) -> "SerqFakeQuantLinear":
         lw = build_layer_weights(linear.weight.T, s, rank=rank, bits_w=bits_w, group_w=group_w,
-                                 weight_quant=weight_quant, hessian=hessian, gptq_damp=gptq_damp)
+                                 weight_quant=weight_quant, hessian=hessian, gptq_damp=gptq_damp,
+                                 permute=permute, lowrank=lowrank, absmean=absmean,
+                                 scale_floor=scale_floor)
         return cls(lw, linear.bias, bits_a=bits_a, group_a=group_a)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,6 +435,9 @@ class SerqFakeQuantLinear(nn.Module):
         y = xq @ self.w_main
         if self.rank:
             y = y + xq[..., : self.rank] @ self.R
+        if self.A is not None:
+            z = fake_quant_activations(xq @ self.A, LOWRANK_BITS, self.group_a)
+            y = y + z @ self.B
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -402,15 +484,18 @@ def _as_sequences(ids) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _calibrate(
-    model: nn.Module, calib_ids, *, absmax: bool, hessian: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One float pass over the calibration sequences collecting the requested statistics.
+    model: nn.Module, calib_ids, *, absmax: bool, hessian: bool, absmean: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One float pass over the calibration sequences collecting the requested statistics:
+    ``(absmax, hessians, absmean)``, each empty unless requested.
 
     Targets fed the very same tensor (q/k/v, gate/up) share one Hessian accumulator, so memory
     is one ``[K, K]`` float64 matrix per distinct input.
     """
     targets = _targets(model)
     stats: dict[str, torch.Tensor] = {}
+    abssums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     grams: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # this sequence's inputs, by identity
@@ -424,6 +509,10 @@ def _calibrate(
                 m = x2.abs().amax(dim=0)
                 prev = stats.get(name)
                 stats[name] = m if prev is None else torch.maximum(prev, m)
+            if absmean:
+                a = x2.abs().to(torch.float64).sum(dim=0)
+                abssums[name] = a if name not in abssums else abssums[name] + a
+                counts[name] = counts.get(name, 0) + x2.shape[0]
             if hessian and name not in alias:
                 first = seen.get(id(x))
                 if first is not None and first[0] is x:
@@ -450,14 +539,15 @@ def _calibrate(
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [n for n in targets if (absmax and n not in stats)
+    missing = [n for n in targets if (absmax and n not in stats) or (absmean and n not in abssums)
                or (hessian and n not in grams and n not in alias)]
     if missing:
         raise RuntimeError(f"calibration never reached {missing[:3]}")
     hess = {n: grams[alias.get(n, n)] for n in targets} if hessian else {}
     for n in {alias.get(n, n) for n in hess}:
         grams[n] /= max(tokens[0], 1)  # shared by aliases: divided once, in place
-    return ({n: stats[n].cpu() for n in targets} if absmax else {}), hess
+    means = {n: (abssums[n] / counts[n]).cpu() for n in targets} if absmean else {}
+    return ({n: stats[n].cpu() for n in targets} if absmax else {}), hess, means
 
 
 def calibrate_absmax(
@@ -469,6 +559,15 @@ def calibrate_absmax(
     (``model.layers.0.self_attn.q_proj``); values float32 ``[K]``, not floored.
     """
     return _calibrate(model, calib_ids, absmax=True, hessian=False)[0]
+
+
+def calibrate_absmean(
+    model: nn.Module, calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel mean ``|x|`` (float64 ``[K]``) of every target's input over all
+    calibration tokens: L2QER's activation-aware scaling. Keys as in :func:`calibrate_absmax`.
+    """
+    return _calibrate(model, calib_ids, absmax=False, hessian=False, absmean=True)[2]
 
 
 def calibrate_hessians(
@@ -497,6 +596,8 @@ def apply_serq_fakequant(
     weight_quant: str = "rtn",
     gptq_damp: float = 0.01,
     hessians: Optional[dict[str, torch.Tensor]] = None,
+    smooth_alpha: float = 0.5,
+    absmean: Optional[dict[str, torch.Tensor]] = None,
 ) -> nn.Module:
     """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
 
@@ -508,6 +609,12 @@ def apply_serq_fakequant(
     (dampening ``gptq_damp``) against its input Hessian from the float model on ``calib_ids``
     (or ``hessians``, from :func:`calibrate_hessians`). The model is converted to float32 and
     returned.
+
+    Baselines at the same bits and groups: ``"smoothquant"`` divides each input by
+    :func:`smoothquant_scales` (strength ``smooth_alpha``; one scale per input shared by q/k/v and
+    by gate/up) without permutation or ``R``; ``"l2qer"`` keeps the input as is and adds the
+    8-bit low-rank correction of rank ``rank`` from :func:`lowrank_error_factors`, scaled by the
+    per-channel mean ``|x|`` (``absmean``, from :func:`calibrate_absmean`, or calibrated here).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -515,19 +622,30 @@ def apply_serq_fakequant(
         raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
     model.float()
     targets = _targets(model)
-    need_absmax = method != "rtn" and absmax is None
+    need_absmax = method not in ("rtn", "l2qer") and absmax is None
     need_hess = weight_quant == "gptq" and bits_w is not None and hessians is None
-    if need_absmax or need_hess:
+    need_absmean = method == "l2qer" and absmean is None
+    if need_absmax or need_hess or need_absmean:
         if calib_ids is None:
-            what = "absmax" if need_absmax else "hessians"
+            what = "absmax" if need_absmax else "absmean" if need_absmean else "hessians"
             raise ValueError(f"method {method!r} with weight_quant {weight_quant!r} needs "
                              f"calib_ids or {what}")
-        got_absmax, got_hess = _calibrate(model, calib_ids, absmax=need_absmax,
-                                          hessian=need_hess)
+        got_absmax, got_hess, got_absmean = _calibrate(
+            model, calib_ids, absmax=need_absmax, hessian=need_hess, absmean=need_absmean)
         absmax = got_absmax if need_absmax else absmax
         hessians = got_hess if need_hess else hessians
-    if method == "rtn":
+        absmean = got_absmean if need_absmean else absmean
+    if method in ("rtn", "l2qer"):
         scales: dict[str, Optional[torch.Tensor]] = {n: None for n in targets}
+    elif method == "smoothquant":
+        name_of = {id(m): n for n, m in targets.items()}
+        scales = {}
+        for layer in _decoder_layers(model):
+            for members in INPUT_GROUPS:
+                names = [name_of[id(layer.get_submodule(m))] for m in members]
+                s = smoothquant_scales(absmax[names[0]], [targets[n].weight.T for n in names],
+                                       smooth_alpha, scale_floor)
+                scales.update({n: s for n in names})
     else:
         scales = {n: floor_scales(absmax[n], scale_floor) for n in targets}
     r = rank if method == "serq" else 0
@@ -536,6 +654,8 @@ def apply_serq_fakequant(
             lin, scales[name], bits_a=bits_a, bits_w=bits_w, rank=r, group_w=group_w,
             group_a=group_a, weight_quant=weight_quant, gptq_damp=gptq_damp,
             hessian=None if hessians is None else hessians[name],
+            permute=method != "smoothquant", lowrank=rank if method == "l2qer" else 0,
+            absmean=None if absmean is None else absmean[name], scale_floor=scale_floor,
         ).to(lin.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)

@@ -18,7 +18,7 @@ SCHEMES = {
     "w4a8": (4, 8),
     "w4a4": (4, 4),
 }
-METHODS = ("serq", "rtn", "flatten")
+METHODS = ("serq", "rtn", "flatten", "smoothquant", "l2qer")
 WEIGHT_QUANTS = ("rtn", "gptq")
 
 
@@ -34,6 +34,7 @@ class ConvertConfig:
     scale_floor: float = 1e-5
     weight_quant: str = "rtn"  # how the main weight is rounded: to nearest, or GPTQ
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
+    smooth_alpha: float = 0.5  # SmoothQuant migration strength (method "smoothquant" only)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -46,6 +47,9 @@ class ConvertConfig:
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
             raise SerqError(f"gptq_damp must be a number in (0, 1], got {damp!r}")
+        alpha = self.smooth_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise SerqError(f"--alpha must be a number in [0, 1], got {alpha!r}")
         if self.rank < 0:
             raise SerqError(f"--rank must be >= 0, got {self.rank}")
         if self.group_w < 2 or self.group_w % 2:
@@ -65,12 +69,13 @@ class ConvertConfig:
 
     @property
     def flattens(self) -> bool:
-        return self.method in ("serq", "flatten")
+        """Whether inputs are divided by per-channel scales folded into the weights."""
+        return self.method in ("serq", "flatten", "smoothquant")
 
     @property
     def needs_calibration(self) -> bool:
-        """Flattening needs the absmax statistics; GPTQ needs the input Gram matrices."""
-        return self.flattens or self.weight_quant == "gptq"
+        """Flattening needs the absmax statistics, L2QER the mean |x|, GPTQ the Gram matrices."""
+        return self.flattens or self.method == "l2qer" or self.weight_quant == "gptq"
 
     @property
     def effective_rank(self) -> int:
@@ -91,6 +96,7 @@ class Target:
     r_codes: np.ndarray | None = None
     r_scale: np.ndarray | None = None
     residual: np.ndarray | None = None
+    lowrank: tuple[np.ndarray, np.ndarray] | None = None  # l2qer: float A [K, r], B [r, N]
 
     @property
     def weight(self) -> ir.Value:
@@ -112,6 +118,7 @@ class InputGroup:
     gate: Target | None = None  # mlp_act: the gate and up projections feeding it
     up: Target | None = None
     absmax: np.ndarray | None = None
+    absmean: np.ndarray | None = None  # per-channel mean |x| (calibrated for l2qer only)
     gram: np.ndarray | None = None  # float64 [K, K]: sum over calibration tokens of x^T x
     tokens: int = 0  # calibration tokens behind ``gram``
     s: np.ndarray | None = None

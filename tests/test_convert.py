@@ -87,27 +87,55 @@ def test_gptq_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme,
     assert report.config["weight_quant"] == "gptq" and report.timings["gptq"] > 0
 
 
-def test_converted_graph_structure(tiny_llama, calib, tmp_path):
-    calib_ids, _ = calib
-    convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids, progress=False,
-            **SETTINGS)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_converted_graph_structure(tiny_llama, calib, tmp_path, fuse):
+    calib_ids, eval_ids = calib
+    report = convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids,
+                     progress=False, fuse=fuse, **SETTINGS)
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     serq = [n for n in model.graph.node if n.op_type == "SerqMatMul"]
-    assert len(serq) == 2 * 7 and all(n.domain == "com.serq" for n in serq)
+    assert all(n.domain == "com.serq" for n in serq)
+    # Every decoder linear is in a SerqMatMul: 7 per layer, or 4 nodes per layer when q/k/v and
+    # gate/up share one node (then split), with the columns of all 7 layers accounted for.
+    assert report.layers_converted == 2 * 7
+    assert len(serq) == (2 * 4 if fuse else 2 * 7) == report.serq_nodes
+    n_total = sum(next(a.i for a in n.attribute if a.name == "N") for n in serq)
+    assert n_total == sum(t for t in _linear_widths(tiny_llama))
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert len(splits) == (2 * 2 if fuse else 0)
     inits = {i.name for i in model.graph.initializer}
     weighted = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert len(weighted) == 1 and "lm_head" in weighted[0].name  # lm_head stays float
     assert any(o.domain == "com.serq" and o.version == 1 for o in model.opset_import)
     # q/k/v and gate/up take their permutation at run time; down's is folded into gate/up.
-    by_name = {n.name: n for n in serq}
     down = [n for n in serq if "down_proj" in n.name]
-    assert all(len(n.input) <= 4 for n in down)
+    assert len(down) == 2 and all(len(n.input) <= 4 for n in down)
     qkv = [n for n in serq if "q_proj" in n.name]
+    assert len(qkv) == 2
     assert all(len(n.input) == 6 and n.input[4] == "" and n.input[5] for n in qkv)
-    assert by_name
     for name in ("config.json", "tokenizer.json"):
         assert (tmp_path / "out" / name).is_file()
     assert (tmp_path / "out" / "serq_config.json").is_file()
+
+
+def _linear_widths(tiny) -> list[int]:
+    c = tiny.config
+    head = c["hidden_size"] // c["num_attention_heads"]
+    per_layer = [c["hidden_size"], c["num_key_value_heads"] * head, c["num_key_value_heads"] * head,
+                 c["hidden_size"], c["intermediate_size"], c["intermediate_size"],
+                 c["hidden_size"]]
+    return per_layer * c["num_hidden_layers"]
+
+
+def test_fused_and_separate_nodes_compute_the_same(tiny_llama, calib, tmp_path):
+    calib_ids, eval_ids = calib
+    out = {}
+    for fuse in (False, True):
+        convert(tiny_llama.onnx_path, tmp_path / f"out{fuse}", calib_ids=calib_ids,
+                progress=False, fuse=fuse, **SETTINGS)
+        out[fuse] = _onnx_logits(tmp_path / f"out{fuse}" / "model.onnx", eval_ids)
+    # Column blocks of the op are independent: fusing changes no arithmetic at all.
+    np.testing.assert_array_equal(out[False], out[True])
 
 
 def test_odd_hidden_size_converts_exactly(tiny_llama_odd, tmp_path):
