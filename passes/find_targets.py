@@ -12,7 +12,9 @@ import re
 import onnx_ir as ir
 
 from serq_onnx.errors import SerqError
-from serq_onnx.plan import InputGroup, Plan, Target
+from serq_onnx.plan import InputGroup, Target
+
+from ._base import PlanPass
 
 _ROLE = re.compile(r"(q|k|v|o|gate|up|down)_proj")
 _LAYER = re.compile(r"layers[./](\d+)")
@@ -74,12 +76,8 @@ def _silu_input(value: ir.Value) -> ir.Value | None:
     return None
 
 
-class FindTargetsPass(ir.passes.InPlacePass):
+class FindTargetsPass(PlanPass):
     """Fill ``plan.groups``; raise a clear error if the graph has nothing to convert."""
-
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -20,11 +20,11 @@ import onnx_ir as ir
 from serq_onnx.plan import (
     ConvertConfig,
     InputGroup,
-    Plan,
     initializer_array,
     set_initializer,
 )
 
+from ._base import PlanPass
 from .find_targets import constant_of
 
 RUNTIME_KEY = "serq.runtime"
@@ -72,11 +72,7 @@ def _only_used_by(value: ir.Value, nodes: set) -> bool:
     return {u.node for u in value.uses() if u.node.op_type not in ("Shape", "Size")} <= nodes
 
 
-class FoldFlatteningPass(ir.passes.InPlacePass):
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
+class FoldFlatteningPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for group in self.plan.groups:

@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 
 from serq_onnx import reference
-from serq_onnx.plan import Plan
+
+from ._base import PlanPass
 
 _WEIGHT_INPUTS = (1, 2, 3)  # B, scales, wsum: row n holds column n's data
 
@@ -22,11 +23,7 @@ def _key(node: ir.Node) -> tuple:
     return (id(node.inputs[0]), extra, tuple(sorted(attrs.items())))
 
 
-class FuseSiblingsPass(ir.passes.InPlacePass):
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
+class FuseSiblingsPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False

@@ -20,8 +20,9 @@ import onnx_ir as ir
 
 from serq_onnx import reference
 from serq_onnx.errors import SerqError
-from serq_onnx.plan import Plan, Target, initializer_array
+from serq_onnx.plan import Target, initializer_array
 
+from ._base import PlanPass
 from .fold_flattening import flatten_scales
 
 LOWRANK_BITS = 8
@@ -55,13 +56,9 @@ def _weights_8bit(w: np.ndarray, group_w: int, group_a: int, bits_a: int
                                       np.ones(N, np.float32))
 
 
-class LowRankFactorsPass(ir.passes.InPlacePass):
+class LowRankFactorsPass(PlanPass):
     """Set ``target.lowrank`` for every target; run after the main weight is quantized and
     before ``ReplaceMatMulPass`` (it reads the float weight initializer)."""
-
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
@@ -81,13 +78,9 @@ class LowRankFactorsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=False)
 
 
-class LowRankBranchPass(ir.passes.InPlacePass):
+class LowRankBranchPass(PlanPass):
     """``Y = SerqMatMul(X; Wq) + SerqMatMul(SerqMatMul(X; A), B)`` for every target with
     ``target.lowrank``; run after ``ReplaceMatMulPass``."""
-
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False

@@ -9,14 +9,12 @@ import numpy as np
 import onnx_ir as ir
 
 from serq_onnx.errors import SerqError
-from serq_onnx.plan import Plan, initializer_array, set_initializer
+from serq_onnx.plan import initializer_array, set_initializer
+
+from ._base import PlanPass
 
 
-class PermuteWeightsPass(ir.passes.InPlacePass):
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
+class PermuteWeightsPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.plan.config.flattens:
             return ir.passes.PassResult(model, modified=False)

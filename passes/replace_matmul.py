@@ -10,8 +10,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from serq_onnx import reference
-from serq_onnx.plan import Plan
 
+from ._base import PlanPass
 from .fold_flattening import RUNTIME_KEY
 
 
@@ -22,11 +22,7 @@ def _absorb(x: ir.Value, kind: str) -> tuple[ir.Value, ir.Value | None]:
     return x, None
 
 
-class ReplaceMatMulPass(ir.passes.InPlacePass):
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
+class ReplaceMatMulPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         scheme = "int"

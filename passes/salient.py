@@ -10,14 +10,12 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from serq_onnx import reference
-from serq_onnx.plan import Plan, initializer_array
+from serq_onnx.plan import initializer_array
+
+from ._base import PlanPass
 
 
-class SalientReconstructionPass(ir.passes.InPlacePass):
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
+class SalientReconstructionPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for t in self.plan.targets:
