@@ -19,7 +19,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from serq_onnx.errors import SerqError
-from serq_onnx.feeds import causal_lm_feeds
+from serq_onnx.evaluate import causal_lm_spec, prefill_feed
 from serq_onnx.modelio import save_model
 from serq_onnx.plan import Plan
 
@@ -137,14 +137,14 @@ class CalibratePass(ir.passes.InPlacePass):
             for v in added_inits:
                 graph.initializers.pop(v.name)
         names = [v.name for v in stat_outputs]
-        inputs = sess.get_inputs()
+        spec = causal_lm_spec(sess)
         per_group = 1 + want_abssum + want_gram
         absmax = [np.zeros(g.K, np.float32) for g in self.plan.groups]
         grams = [np.zeros((g.K, g.K), np.float64) for g in self.plan.groups] if want_gram else []
         abssums = [np.zeros(g.K, np.float64) for g in self.plan.groups] if want_abssum else []
         tokens = 0
         for seq in tqdm(self.sequences, desc="calibrating", unit="seq", disable=not self.progress):
-            outs = sess.run(names, causal_lm_feeds(inputs, seq))
+            outs = sess.run(names, prefill_feed(spec, seq))
             tokens += len(seq)
             for acc, o in zip(absmax, outs[::per_group]):
                 np.maximum(acc, o, out=acc)

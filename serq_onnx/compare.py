@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .feeds import causal_lm_feeds
+from .evaluate import causal_lm_spec, prefill_feed
 
 
 @dataclass
@@ -34,10 +34,8 @@ def cpu_session(path: str | os.PathLike, with_ops: bool = False):
 
 
 def logits(session, ids: np.ndarray) -> np.ndarray:
-    feeds = causal_lm_feeds(session.get_inputs(), ids)
-    name = "logits" if any(o.name == "logits" for o in session.get_outputs()) else \
-        session.get_outputs()[0].name
-    return session.run([name], feeds)[0].astype(np.float64)
+    feed = prefill_feed(causal_lm_spec(session), np.asarray(ids, np.int64).reshape(-1))
+    return session.run(["logits"], feed)[0].astype(np.float64)
 
 
 def diff(a: np.ndarray, b: np.ndarray) -> LogitDiff:

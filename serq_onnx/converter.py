@@ -83,6 +83,23 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
         raise SerqError(f"the parent folder of {out_dir} does not exist")
 
 
+def _stage_output(model_path: Path, out_dir: Path, model: ir.Model) -> tuple[Path, Path]:
+    """A temporary folder beside ``out_dir`` with ``model`` saved under the input's file name
+    and every side file of the input folder; ``_commit`` moves it into place."""
+    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        skip = _model_files(model_path)
+        for p in model_path.parent.iterdir():
+            if p.is_file() and p not in skip:
+                shutil.copy2(p, tmp_out / p.name)
+        out_model = tmp_out / model_path.name
+        save_model(model, out_model)
+    except BaseException:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        raise
+    return tmp_out, out_model
+
+
 def _commit(tmp_out: Path, out_dir: Path) -> None:
     """Move the finished folder into place; the old one is removed only once the new one is in."""
     old = None
@@ -191,16 +208,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     for tg in plan.targets:
         roles[tg.role] = roles.get(tg.role, 0) + 1
 
-    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    t = time.perf_counter()
+    tmp_out, out_model = _stage_output(model_path, out_dir, ir_model)
+    timings["save"] = time.perf_counter() - t
     try:
-        t = time.perf_counter()
-        skip = _model_files(model_path)
-        for p in model_path.parent.iterdir():
-            if p.is_file() and p not in skip:
-                shutil.copy2(p, tmp_out / p.name)
-        out_model = tmp_out / model_path.name
-        save_model(ir_model, out_model)
-        timings["save"] = time.perf_counter() - t
         verify_msg = "skipped"
         if verify:
             t = time.perf_counter()

@@ -137,7 +137,7 @@ def causal_lm_spec(session: Any) -> CausalLMSpec:
         past=past, kv_heads=kv_heads, head_dim=head_dim, past_dtype=past_dtype)
 
 
-def _prefill_feed(spec: CausalLMSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
+def prefill_feed(spec: CausalLMSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs for one batch-1 sequence with an empty KV cache."""
     n = len(ids)
     dt = spec.input_dtypes
@@ -195,7 +195,7 @@ def perplexity(session: SessionLike, token_ids: np.ndarray, ctx: int = 1024,
     n_pred = n_fed = 0
     for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         t0 = time.perf_counter()
-        (logits,) = sess.run(["logits"], _prefill_feed(spec, w))
+        (logits,) = sess.run(["logits"], prefill_feed(spec, w))
         seconds += time.perf_counter() - t0
         nll += _nll(logits[0, :-1], w[1:])
         n_pred += len(w) - 1
@@ -350,7 +350,7 @@ def last_word_accuracy(session: SessionLike, passages: list[LastWordPassage],
     for p in tqdm(passages, desc="last word", unit="passage", disable=not progress):
         ids = np.asarray(p.context + p.target[:-1], dtype=np.int64)
         t0 = time.perf_counter()
-        (logits,) = sess.run(["logits"], _prefill_feed(spec, ids))
+        (logits,) = sess.run(["logits"], prefill_feed(spec, ids))
         seconds += time.perf_counter() - t0
         rows = logits[0, len(p.context) - 1:]  # row j predicts target[j]
         target = np.asarray(p.target, dtype=np.int64)
@@ -395,7 +395,7 @@ class _Greedy:
         return int(np.argmax(logits[0, -1])), list(outputs[1:])
 
     def prefill(self, ids: np.ndarray) -> tuple[int, list[Any]]:
-        return self._run(_prefill_feed(self.spec, ids), None)
+        return self._run(prefill_feed(self.spec, ids), None)
 
     def step(self, token: int, position: int, past: list[Any]) -> tuple[int, list[Any]]:
         dt = self.spec.input_dtypes

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import onnx_ir as ir
 
-from .converter import _commit, _model_files, _prepare_output
+from .converter import _commit, _prepare_output, _stage_output
 from .errors import SerqError
-from .modelio import load_model, save_model
+from .modelio import load_model
 from .plan import ConvertConfig, Plan
 
 NBITS_CONFIG_FILE = "nbits_config.json"
@@ -68,7 +67,9 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
     try:
         import onnxruntime
         from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
         from onnxruntime.quantization.quant_utils import QuantFormat
     except ImportError as e:
         raise SerqError(f"onnxruntime's quantization tools are unavailable ({e}); install "
@@ -108,14 +109,8 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
                         "not handle, so this baseline cannot be built for this model")
     quantized_model = ir.serde.deserialize_model(out_proto)
 
-    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_out, out_model = _stage_output(model_path, out_dir, quantized_model)
     try:
-        skip = _model_files(model_path)
-        for p in model_path.parent.iterdir():
-            if p.is_file() and p not in skip:
-                shutil.copy2(p, tmp_out / p.name)
-        out_model = tmp_out / model_path.name
-        save_model(quantized_model, out_model)
         record = {"model": str(model_path), "output": str(out_dir / model_path.name),
                   "quantizer": "onnxruntime MatMulNBitsQuantizer, DefaultWeightOnlyQuantConfig "
                                "(round to nearest)",

@@ -342,10 +342,10 @@ def _dequantize(model, node):
 def _logits(path, ids):
     import onnxruntime as ort
 
-    from serq_onnx.evaluate import _prefill_feed, causal_lm_spec
+    from serq_onnx.evaluate import prefill_feed, causal_lm_spec
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], _prefill_feed(causal_lm_spec(sess), ids))[0][0]
+    return sess.run(["logits"], prefill_feed(causal_lm_spec(sess), ids))[0][0]
 
 
 def test_matmulnbits_baseline(tiny_llama, tmp_path):
