@@ -24,6 +24,9 @@ COMMON = "--calib-samples 32 --calib-seqlen 512 -q --overwrite"
 
 # name -> convert flags ("" = the float model; "nbits" = onnxruntime's MatMulNBits)
 ROWS = {
+    # Defaults: SERQ rounds the main weight with GPTQ, the baselines to nearest (as published);
+    # every method uses searched weight-group scales; activation groups are 128 at w4a8, 32 at
+    # w4a4. Rows marked otherwise change exactly that.
     "main": {
         "float32": None,
         "MatMulNBits w4 (onnxruntime, weight-only)": "nbits",
@@ -31,21 +34,30 @@ ROWS = {
         "SmoothQuant w4a8": "--scheme w4a8 --method smoothquant --alpha 0.5",
         "L2QER w4a8": "--scheme w4a8 --method l2qer",
         "SERQ w4a8": "--scheme w4a8",
-        "SERQ w4a8 + GPTQ": "--scheme w4a8 --weight-quant gptq",
+        "SERQ w4a8, main weight round to nearest": "--scheme w4a8 --weight-quant rtn",
         "RTN w4a4": "--scheme w4a4 --method rtn",
         "SmoothQuant w4a4": "--scheme w4a4 --method smoothquant --alpha 0.5",
         "L2QER w4a4": "--scheme w4a4 --method l2qer",
+        "RTN w4a4 + GPTQ": "--scheme w4a4 --method rtn --weight-quant gptq",
+        "SmoothQuant w4a4 + GPTQ": "--scheme w4a4 --method smoothquant --alpha 0.5 "
+                                   "--weight-quant gptq",
+        "L2QER w4a4 + GPTQ": "--scheme w4a4 --method l2qer --weight-quant gptq",
         "SERQ w4a4": "--scheme w4a4",
-        "SERQ w4a4 + GPTQ": "--scheme w4a4 --weight-quant gptq",
+        "SERQ w4a4, main weight round to nearest": "--scheme w4a4 --weight-quant rtn",
     },
     "ablation": {
+        "SERQ w4a8, absmax weight scales": "--scheme w4a8 --weight-scale absmax",
+        "SERQ w4a8, RTN, absmax weight scales": "--scheme w4a8 --weight-quant rtn "
+                                                "--weight-scale absmax",
+        "SERQ w4a8 rank 256": "--scheme w4a8 --rank 256",
+        "SERQ w4a8 group_w 64": "--scheme w4a8 --group-w 64",
         "flatten only w4a4 (rank 0)": "--scheme w4a4 --method flatten",
         "SERQ w4a4 rank 32": "--scheme w4a4 --rank 32",
         "SERQ w4a4 rank 64": "--scheme w4a4 --rank 64",
         "SERQ w4a4 rank 256": "--scheme w4a4 --rank 256",
+        "SERQ w4a4 group_a 128": "--scheme w4a4 --group-a 128",
         "SERQ w4a4 group_a 64": "--scheme w4a4 --group-a 64",
-        "SERQ w4a4 group_a 32": "--scheme w4a4 --group-a 32",
-        "SERQ w4a8 group_w 64": "--scheme w4a8 --group-w 64",
+        "SERQ w4a4, absmax weight scales": "--scheme w4a4 --weight-scale absmax",
     },
 }
 
@@ -61,6 +73,22 @@ def _run(cmd: str) -> float:
     return time.perf_counter() - t
 
 
+def _markdown(table: list, rows: dict, cache: Path, exe: str) -> str:
+    base = table[0][1]["perplexity"]["ppl"] if table and rows.get(table[0][0]) is None else None
+    lines = ["| model | ppl | vs fp32 | last-word acc | convert s | command |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, res, cmds, convert_s in table:
+        ppl = res["perplexity"]["ppl"]
+        lw = res.get("last_word") or {}
+        rel = f"{ppl / base - 1:+.1%}" if base else ""
+        acc = f"{lw['accuracy']:.1%}" if lw else ""
+        secs = f"{convert_s:.0f}" if convert_s is not None else ""
+        shown = " && ".join(c.replace(str(cache), "$CACHE").replace(exe, "serq-onnx")
+                            for c in cmds)
+        lines.append(f"| {name} | {ppl:.3f} | {rel} | {acc} | {secs} | `{shown}` |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path(".cache"))
@@ -68,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--last-word", type=int, default=100)
     ap.add_argument("--only", help="comma-separated row names to run")
+    ap.add_argument("--out", type=Path, help="also write the table here after every row")
     args = ap.parse_args(argv)
 
     from serq_onnx import data
@@ -85,37 +114,30 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for name, flags in rows.items():
         out = out_root / _slug(name)
-        cmds = []
+        convert_cmd = None
         if flags == "nbits":
-            cmds.append(f"{exe} nbits {float_model} -o {out} --overwrite -q")
+            convert_cmd = f"{exe} nbits {float_model} -o {out} --overwrite -q"
             model_dir = out
         elif flags:
-            cmds.append(f"{exe} convert {float_model} -o {out} {flags} "
-                        f"--calib {texts[CALIB]} {COMMON}")
+            convert_cmd = (f"{exe} convert {float_model} -o {out} {flags} "
+                           f"--calib {texts[CALIB]} {COMMON}")
             model_dir = out
         else:
             model_dir = float_model.parent
         js = out_root / f"{_slug(name)}.json"
         js.parent.mkdir(parents=True, exist_ok=True)
-        cmds.append(f"{exe} eval {model_dir} --text {texts[EVAL]} --ctx 1024 "
+        eval_cmd = (f"{exe} eval {model_dir} --text {texts[EVAL]} --ctx 1024 "
                     f"--max-tokens {args.max_tokens} --last-word {args.last_word} --json {js} -q")
-        seconds = sum(_run(c) for c in cmds)
+        convert_s = _run(convert_cmd) if convert_cmd else None
+        _run(eval_cmd)
         res = json.loads(js.read_text())
-        table.append((name, res, cmds, seconds))
+        table.append((name, res, [c for c in (convert_cmd, eval_cmd) if c], convert_s))
         print(f"{name}: ppl {res['perplexity']['ppl']:.3f}", flush=True)
+        if args.out:
+            args.out.write_text(_markdown(table, rows, cache, exe) + "\n")
 
-    base = table[0][1]["perplexity"]["ppl"] if table and rows.get(table[0][0]) is None else None
     print()
-    print("| model | ppl | vs fp32 | last-word acc | command |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, res, cmds, _ in table:
-        ppl = res["perplexity"]["ppl"]
-        lw = res.get("last_word") or {}
-        rel = f"{ppl / base - 1:+.1%}" if base else ""
-        acc = f"{lw['accuracy']:.1%}" if lw else ""
-        shown = " && ".join(c.replace(str(cache), "$CACHE").replace(exe, "serq-onnx")
-                            for c in cmds)
-        print(f"| {name} | {ppl:.3f} | {rel} | {acc} | `{shown}` |")
+    print(_markdown(table, rows, cache, exe))
     return 0
 
 

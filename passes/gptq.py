@@ -41,14 +41,15 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
-                  damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+                  damp: float = 0.01, block: int = 128, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of ``w: [K, N]`` (rows = input channels) against the input Hessian ``[K, K]``.
 
     Symmetric ``bits``-bit codes in groups of ``group`` rows (0: one group), like
     ``reference.quantize_weight``: returns ``(codes int8 [K, N], scales float32 [G, N])``.
     ``damp`` times the mean diagonal is added to the diagonal. Channels that calibration never
     saw (zero diagonal) are rounded to nearest and exchange no error with the others; they are
-    not zeroed as in the GPTQ paper, since other text may well use them.
+    not zeroed as in the GPTQ paper, since other text may well use them. ``search`` picks each
+    group's scale by ``reference.weight_scale``'s clipping search on the error-updated rows.
     """
     W = np.array(w, dtype=np.float64)
     K, N = W.shape
@@ -75,7 +76,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
     qmax = np.float32(2 ** (bits - 1) - 1)
     codes = np.zeros((K, N), np.int8)
     scales = np.zeros((-(-K // g), N), np.float32)
-    scale = scales[0]
+    scale, lo = scales[0], -qmax
     for i1 in range(0, K, blk):
         i2 = min(i1 + blk, K)
         W1, U1 = W[i1:i2], U[i1:i2, i1:i2]
@@ -83,11 +84,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
         for i in range(i2 - i1):
             k = i1 + i
             if k % g == 0:
-                ws = W[k:min(k + g, K)].astype(np.float32)
-                scale = (np.abs(ws).max(axis=0) / qmax).astype(np.float32)
-                scale[scale == 0] = 1
+                rows = slice(k, min(k + g, K))
+                scale, lo = reference.weight_scale(W[rows], bits, search)
                 scales[k // g] = scale
-            q = np.clip(np.rint(W1[i].astype(np.float32) / scale), -qmax, qmax)
+            q = np.clip(np.rint(W1[i].astype(np.float32) / scale), lo, qmax)
             codes[k] = q
             err = (W1[i] - (q * scale).astype(np.float64)) / U1[i, i]
             W1[i + 1:] -= np.outer(U1[i, i + 1:], err)
@@ -125,7 +125,8 @@ class GPTQPass(ir.passes.InPlacePass):
                             "flattening scales; run CalibratePass and FoldFlatteningPass first")
         hessian = layer_hessian(group.gram, group.tokens, group.s, group.perm)
         w = np.concatenate([t.residual for t in group.targets], axis=1)
-        codes, scales = gptq_quantize(w, hessian, cfg.bits_w, cfg.group_w, damp=cfg.gptq_damp)
+        codes, scales = gptq_quantize(w, hessian, cfg.bits_w, cfg.group_w, damp=cfg.gptq_damp,
+                                      search=cfg.weight_scale == "mse")
         start = 0
         for t in group.targets:
             cols = slice(start, start + t.N)

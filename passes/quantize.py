@@ -21,7 +21,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                       disable=not self.progress):
             layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
                                       group_a=cfg.group_a, bits_w=cfg.bits_w, bits_a=cfg.bits_a)
-            codes, scales = reference.quantize_weight(t.residual, cfg.bits_w, cfg.group_w)
+            codes, scales = reference.quantize_weight(t.residual, cfg.bits_w, cfg.group_w,
+                                                      search=cfg.weight_scale == "mse")
             t.weights = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
             t.residual = None  # the float copy is no longer needed
         return ir.passes.PassResult(model, modified=False)

@@ -27,11 +27,15 @@ def _add_convert(sub) -> None:
                    help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--rank", type=int, default=128, help="salient channels r (default 128)")
     p.add_argument("--group-w", type=int, default=128, help="weight group size along K")
-    p.add_argument("--group-a", type=int, default=128,
-                   help="activation group size (0: whole row)")
-    p.add_argument("--weight-quant", default="rtn", choices=["rtn", "gptq"],
-                   help="main weight rounding: rtn (round to nearest, default) or gptq "
-                   "(error-compensating, uses the calibration inputs; slower, more accurate)")
+    p.add_argument("--group-a", type=int, default=None,
+                   help="activation group size (0: whole row; default 128 for w4a8, 32 for w4a4)")
+    p.add_argument("--weight-quant", default=None, choices=["gptq", "rtn"],
+                   help="main weight rounding: gptq (compensates rounding errors with the "
+                   "calibration inputs) or rtn (round to nearest: faster, less accurate); "
+                   "default: gptq for serq and flatten, rtn for the baselines, as published")
+    p.add_argument("--weight-scale", default="mse", choices=["mse", "absmax"],
+                   help="weight group scales: mse (default; clipping searched for the least "
+                   "rounding error) or absmax (max|w| / 7)")
     p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
@@ -52,7 +56,7 @@ def _convert(args) -> int:
                      group_w=args.group_w, group_a=args.group_a, method=args.method,
                      calib=args.calib, calib_samples=args.calib_samples,
                      calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
-                     smooth_alpha=args.alpha,
+                     weight_scale=args.weight_scale, smooth_alpha=args.alpha,
                      verify=not args.no_verify, fuse=not args.no_fuse,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(report.summary())

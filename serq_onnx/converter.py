@@ -48,7 +48,8 @@ class ConversionReport:
                                          if self.serq_nodes < self.layers_converted else ""),
             f"scheme {self.config['scheme']}, method {self.config['method']}, rank "
             f"{self.config['rank']}, groups w{self.config['group_w']}/a{self.config['group_a']}, "
-            f"main weight {self.config.get('weight_quant', 'rtn')}",
+            f"main weight {self.config.get('weight_quant', 'rtn')} with "
+            f"{self.config.get('weight_scale', 'absmax')} scales",
             f"calibration: {self.calib_tokens} tokens from {self.calib_source}",
             f"folds: {', '.join(f'{k} x{v}' for k, v in sorted(self.folds.items())) or 'none'}",
             f"fold check (float graph after folding vs original): {self.fold_check}",
@@ -119,18 +120,20 @@ def _vocab_size(model: ir.Model) -> int:
 
 
 def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str = "w4a8",
-            rank: int = 128, group_w: int = 128, group_a: int = 128, method: str = "serq",
+            rank: int = 128, group_w: int = 128, group_a: int | None = None, method: str = "serq",
             calib: str | os.PathLike | None = None, calib_samples: int = 128,
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
-            weight_quant: str = "rtn", fuse: bool = True, verify: bool = True, overwrite: bool = False,
-            progress: bool = True, smooth_alpha: float = 0.5, log=print) -> ConversionReport:
+            weight_quant: str | None = None, weight_scale: str = "mse", fuse: bool = True,
+            verify: bool = True, overwrite: bool = False, progress: bool = True, smooth_alpha: float = 0.5, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
     (config, tokenizer, generation config), so it loads wherever the original loaded. Nothing is
-    left in ``output`` unless conversion succeeds. ``weight_quant``: ``"rtn"`` rounds the main
-    weight to nearest; ``"gptq"`` compensates rounding errors with the Hessian of each layer's
-    calibration inputs (slower, more accurate). ``method`` ``"smoothquant"`` (migration strength
+    left in ``output`` unless conversion succeeds. ``weight_quant``: ``"gptq"`` compensates
+    rounding errors with the Hessian of each layer's calibration inputs; ``"rtn"`` rounds the
+    main weight to nearest (faster, less accurate); None: gptq for SERQ, rtn for the baselines. ``weight_scale``: ``"mse"`` searches each
+    weight group's clipping for the least rounding error, ``"absmax"`` takes ``max|w| / 7``.
+    ``group_a`` None takes the scheme's default (128 for w4a8, 32 for w4a4). ``method`` ``"smoothquant"`` (migration strength
     ``smooth_alpha``) and ``"l2qer"`` (low-rank error correction of rank ``rank``) are baselines
     built from the same groups, bits and kernels as SERQ, for comparison.
     """
@@ -140,7 +143,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     timings: dict[str, float] = {}
     model_path, out_dir = Path(model), Path(output)
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
-                           method=method, weight_quant=weight_quant, smooth_alpha=smooth_alpha)
+                           method=method, weight_quant=weight_quant, weight_scale=weight_scale,
+                           smooth_alpha=smooth_alpha)
     if not model_path.is_file():
         raise SerqError(f"model file not found: {model_path}")
     if out_dir.resolve() == model_path.parent.resolve():

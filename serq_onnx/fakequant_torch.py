@@ -64,6 +64,7 @@ INPUT_GROUPS = (
 )
 LOWRANK_BITS = 8  # L2QER: bits of both low-rank factors and of the intermediate X A
 WEIGHT_QUANTS = ("rtn", "gptq")
+WEIGHT_SCALES = ("mse", "absmax")
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -128,19 +129,47 @@ def fake_quant_activations(x: torch.Tensor, bits: Optional[int], group: int) -> 
     return dequantize_activations(q, scale, zero, group)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_ratios(device=None) -> torch.Tensor:
+    """1, 63/64, ..., 1/2: the scale's candidate fractions of ``max|w| / qmax``."""
+    return (1.0 - torch.arange(33, dtype=torch.float64, device=device) / 64).to(torch.float32)
+
+
+def weight_group_scale(wg: torch.Tensor, bits: int, search: bool = False) -> tuple[torch.Tensor, float]:
+    """Scales ``[...]`` of weight groups ``wg: [..., g]`` and the lowest code.
+
+    Absmax: ``max|w| / qmax``, codes down to ``-qmax``. ``search``: every candidate ratio is tried
+    at once and the one with the least squared error (float64) wins, the largest on a tie; codes
+    down to ``-qmax - 1``. Zero scales become 1.
+    """
+    qmax = float(2 ** (bits - 1) - 1)
+    am = wg.to(torch.float32).abs().amax(dim=-1)
+    if not search:
+        scale = am / qmax
+        return torch.where(scale == 0, torch.ones_like(scale), scale), -qmax
+    lo = -qmax - 1
+    c = _clip_ratios(wg.device).reshape(-1, *([1] * am.dim()))
+    cand = am[None] * c / qmax  # [C, ...]
+    cand = torch.where(cand == 0, torch.ones_like(cand), cand)
+    w32 = wg.to(torch.float32)[None]
+    q = torch.clamp(torch.round(w32 / cand[..., None]), lo, qmax)
+    err = ((w32.double() - q.double() * cand[..., None].double()) ** 2).sum(dim=-1)
+    best = torch.argmin(err, dim=0)  # first minimum: the largest ratio among equals
+    return torch.gather(cand, 0, best[None])[0], lo
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int,
+                    search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest quantization of ``w: [K, N]`` in groups of ``group`` rows.
 
     ``group == 0``: one group over all rows (one scale per output column). Returns float32
-    ``(codes [K, N] in [-(2^(bits-1)-1), 2^(bits-1)-1], scale [G, N])``.
+    ``(codes [K, N], scale [G, N])``; scales as :func:`weight_group_scale` chooses them.
     """
     w = w.to(torch.float32)
     K, N = w.shape
     wg, _ = _grouped(w.T, group)  # [N, G, g]
     qmax = float(2 ** (bits - 1) - 1)
-    scale = wg.abs().amax(dim=-1) / qmax  # [N, G]
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax)
+    scale, lo = weight_group_scale(wg, bits, search)  # [N, G]
+    codes = torch.clamp(torch.round(wg / scale[..., None]), lo, qmax)
     codes = codes.reshape(N, -1)[:, :K].T.contiguous()
     return codes, scale.T.contiguous()
 
@@ -151,11 +180,12 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group: int) -> t
     return codes * scale[torch.arange(K, device=codes.device) // g]
 
 
-def fake_quant_weight(w: torch.Tensor, bits: Optional[int], group: int) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, bits: Optional[int], group: int,
+                      search: bool = False) -> torch.Tensor:
     """``deq(Qw(w))`` in float32; ``bits=None`` disables the quantizer."""
     if bits is None:
         return w.to(torch.float32).clone()
-    codes, scale = quantize_weight(w, bits, group)
+    codes, scale = quantize_weight(w, bits, group, search)
     return dequantize_weight(codes, scale, group)
 
 
@@ -167,6 +197,7 @@ def gptq_quantize_weight(
     *,
     damp: float = 0.01,
     block: int = 128,
+    search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al.) of ``w: [K, N]`` given the Hessian ``[K, K]`` of its inputs.
 
@@ -177,7 +208,8 @@ def gptq_quantize_weight(
     upper Cholesky factor of ``H^-1``, is subtracted from the channels after it. ``damp`` times
     the mean diagonal is added to ``H``'s diagonal; channels with a zero diagonal (never seen in
     calibration) get a unit diagonal and no coupling, so they are rounded to nearest (kept, not
-    zeroed). Arithmetic in float64; the quantizer itself in float32, as :func:`quantize_weight`.
+    zeroed). Arithmetic in float64; the quantizer itself in float32, as :func:`quantize_weight`
+    (``search``: each group's scale by :func:`weight_group_scale`'s search on updated weights).
     """
     K, N = w.shape
     W = w.detach().to(torch.float64).T.clone()  # [N, K]: GPTQ's layout, columns = inputs
@@ -200,7 +232,7 @@ def gptq_quantize_weight(
     qmax = float(2 ** (bits - 1) - 1)
     codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
     scales = torch.zeros(N, -(-K // g), dtype=torch.float32, device=W.device)
-    scale = scales[:, 0]
+    scale, lo = scales[:, 0], -qmax
     for i1 in range(0, K, blk):
         i2 = min(i1 + blk, K)
         W1 = W[:, i1:i2].clone()
@@ -209,11 +241,10 @@ def gptq_quantize_weight(
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:
-                scale = W1[:, i : i + g].to(torch.float32).abs().amax(dim=1) / qmax
-                scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+                scale, lo = weight_group_scale(W1[:, i : i + g].to(torch.float32), bits, search)
                 scales[:, col // g] = scale
             w_col = W1[:, i]
-            q = torch.clamp(torch.round(w_col.to(torch.float32) / scale), -qmax, qmax)
+            q = torch.clamp(torch.round(w_col.to(torch.float32) / scale), lo, qmax)
             codes[:, col] = q
             err = (w_col - (q * scale).to(torch.float64)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
@@ -325,6 +356,7 @@ def build_layer_weights(
     lowrank: int = 0,
     absmean: Optional[torch.Tensor] = None,
     scale_floor: float = 1e-5,
+    weight_scale: str = "absmax",
 ) -> SerqLayerWeights:
     """Flatten by ``s``, sort channels by descending ``s``, split off the salient ``R``.
 
@@ -335,9 +367,13 @@ def build_layer_weights(
     (transformed here to the flattened, permuted input). ``permute=False`` keeps the channel
     order (SmoothQuant). ``lowrank > 0`` adds L2QER's factors of the main weight's error, scaled
     by ``absmean`` (per-channel mean ``|x|``), quantized to 8 bits in groups of ``group_w``.
+    ``weight_scale="mse"`` searches the main weight's group scales (:func:`weight_group_scale`).
     """
     if weight_quant not in WEIGHT_QUANTS:
         raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
+    if weight_scale not in WEIGHT_SCALES:
+        raise ValueError(f"weight_scale must be one of {WEIGHT_SCALES}, got {weight_scale!r}")
+    search = weight_scale == "mse"
     if weight_quant == "gptq" and bits_w is not None and hessian is None:
         raise ValueError("weight_quant='gptq' needs the layer's input Hessian")
     w = weight_kn.detach().to(torch.float32)
@@ -359,10 +395,11 @@ def build_layer_weights(
     inv_s = 1.0 / s
     if weight_quant == "gptq" and bits_w is not None:
         h_hat = layer_input_hessian(hessian, inv_s, perm)
-        codes, scale = gptq_quantize_weight(residual, h_hat, bits_w, group_w, damp=gptq_damp)
+        codes, scale = gptq_quantize_weight(residual, h_hat, bits_w, group_w, damp=gptq_damp,
+                                            search=search)
         w_main = dequantize_weight(codes, scale, group_w)
     else:
-        w_main = fake_quant_weight(residual, bits_w, group_w)
+        w_main = fake_quant_weight(residual, bits_w, group_w, search)
     A = B = None
     r_lr = max(0, min(lowrank, K, N))
     if r_lr and bits_w is not None:
@@ -419,11 +456,12 @@ class SerqFakeQuantLinear(nn.Module):
         lowrank: int = 0,
         absmean: Optional[torch.Tensor] = None,
         scale_floor: float = 1e-5,
+        weight_scale: str = "absmax",
     ) -> "SerqFakeQuantLinear":
         lw = build_layer_weights(linear.weight.T, s, rank=rank, bits_w=bits_w, group_w=group_w,
                                  weight_quant=weight_quant, hessian=hessian, gptq_damp=gptq_damp,
                                  permute=permute, lowrank=lowrank, absmean=absmean,
-                                 scale_floor=scale_floor)
+                                 scale_floor=scale_floor, weight_scale=weight_scale)
         return cls(lw, linear.bias, bits_a=bits_a, group_a=group_a)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -589,15 +627,16 @@ def apply_serq_fakequant(
     bits_w: Optional[int] = 4,
     rank: int = 128,
     group_w: int = 128,
-    group_a: int = 128,
+    group_a: Optional[int] = None,
     method: str = "serq",
     scale_floor: float = 1e-5,
     absmax: Optional[dict[str, torch.Tensor]] = None,
-    weight_quant: str = "rtn",
+    weight_quant: Optional[str] = None,
     gptq_damp: float = 0.01,
     hessians: Optional[dict[str, torch.Tensor]] = None,
     smooth_alpha: float = 0.5,
     absmean: Optional[dict[str, torch.Tensor]] = None,
+    weight_scale: str = "mse",
 ) -> nn.Module:
     """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
 
@@ -607,7 +646,10 @@ def apply_serq_fakequant(
     :func:`calibrate_absmax` instead of running the calibration again. ``bits_a`` / ``bits_w``
     None disable that quantizer. ``weight_quant="gptq"`` quantizes each main weight with GPTQ
     (dampening ``gptq_damp``) against its input Hessian from the float model on ``calib_ids``
-    (or ``hessians``, from :func:`calibrate_hessians`). The model is converted to float32 and
+    (or ``hessians``, from :func:`calibrate_hessians`); ``"rtn"`` rounds it to nearest; None:
+    GPTQ for ``"serq"`` and ``"flatten"``, round to nearest for the baselines.
+    ``weight_scale``: ``"mse"`` (clipping searched) or ``"absmax"`` main weight group scales.
+    ``group_a`` None: 32 for 4-bit activations, else 128. The model is converted to float32 and
     returned.
 
     Baselines at the same bits and groups: ``"smoothquant"`` divides each input by
@@ -618,8 +660,12 @@ def apply_serq_fakequant(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if weight_quant is None:
+        weight_quant = "gptq" if method in ("serq", "flatten") else "rtn"
     if weight_quant not in WEIGHT_QUANTS:
         raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
+    if group_a is None:
+        group_a = 32 if bits_a == 4 else 128
     model.float()
     targets = _targets(model)
     need_absmax = method not in ("rtn", "l2qer") and absmax is None
@@ -656,6 +702,7 @@ def apply_serq_fakequant(
             hessian=None if hessians is None else hessians[name],
             permute=method != "smoothquant", lowrank=rank if method == "l2qer" else 0,
             absmean=None if absmean is None else absmean[name], scale_floor=scale_floor,
+            weight_scale=weight_scale,
         ).to(lin.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -667,13 +714,13 @@ def fakequant_logits(
     calib_ids: Union[torch.Tensor, Sequence[torch.Tensor], None],
     eval_ids: Union[torch.Tensor, np.ndarray],
     *,
-    weight_quant: str = "rtn",
+    weight_quant: Optional[str] = None,
     **kw,
 ) -> np.ndarray:
     """Load a Hugging Face causal LM in float32, fake-quantize it, return logits of ``eval_ids``.
 
     ``eval_ids`` is ``[batch, seq]`` (no padding); the result is float32 ``[batch, seq, vocab]``.
-    ``weight_quant`` (``"rtn"`` or ``"gptq"``) and the other keyword arguments go to
+    ``weight_quant`` (``"gptq"``, ``"rtn"`` or None) and the other keyword arguments go to
     :func:`apply_serq_fakequant`.
     """
     from transformers import AutoModelForCausalLM

@@ -38,8 +38,11 @@ Quantizers (all arithmetic in float32, rounding half to even as ``np.rint`` / C 
   ``zero`` lies in [0, qmax]); ``scale = (hi - lo) / qmax`` (1 if that is 0);
   ``zero = clip(rint(-lo / scale), 0, qmax)``; ``q = clip(rint(x / scale) + zero, 0, qmax)``.
   A token row holding a NaN or an infinity (after ``act_scale``) yields an all-NaN output row.
-* Weights, offline, symmetric, ``bits_w`` in {4, 8}, ``qmax = 2^(b-1) - 1``:
-  ``scale = max|w| / qmax`` (1 if that is 0), ``q = clip(rint(w / scale), -qmax, qmax)``.
+* Weights, offline, symmetric, ``bits_w`` in {4, 8}: the op accepts any code in
+  ``[-2^(b-1), 2^(b-1) - 1]`` with any positive scale. The converter's rule, ``qmax = 2^(b-1) - 1``:
+  ``scale = c * max|w| / qmax`` (1 if that is 0), ``q = clip(rint(w / scale), -qmax - 1, qmax)``,
+  with ``c = 1`` (and codes down to ``-qmax`` only) for absmax scales, or ``c`` searched per
+  group and column to minimize the rounding error (:func:`weight_scale`).
 
 Operator (domain ``com.serq``, version 1)
 -----------------------------------------
@@ -185,24 +188,60 @@ def dequantize_activations(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, g
     return (q.astype(np.float64) - zero[:, idx]) * scale[:, idx].astype(np.float64)
 
 
-def quantize_weight(w: np.ndarray, bits: int, group: int):
+# Candidate clipping ratios of the scale search: 1, 63/64, ..., 1/2 (7/8 makes -qmax-1 reachable
+# exactly at the extreme of a negative-heavy group).
+CLIP_RATIOS = (1.0 - np.arange(33, dtype=np.float64) / 64).astype(np.float32)
+
+
+def weight_scale(ws: np.ndarray, bits: int, search: bool = False) -> tuple[np.ndarray, int]:
+    """Per-column scale of one weight group ``ws: [g, N]`` and the lowest code allowed.
+
+    ``search=False``: ``max|w| / qmax``, codes in ``[-qmax, qmax]``. ``search=True``: the ratio
+    ``c`` of :data:`CLIP_RATIOS` minimizing ``sum_k (w - c max|w|/qmax * q)^2`` per column
+    (float64 error; the first, largest ratio wins ties), codes in ``[-qmax - 1, qmax]``; ``c = 1``
+    is the absmax rule, so the search never does worse on that error. A zero scale becomes 1.
+    """
+    ws = np.asarray(ws, dtype=np.float32)
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    am = np.abs(ws).max(axis=0)
+    if not search:
+        s = (am / qmax).astype(np.float32)
+        return np.where(s == 0, np.float32(1), s).astype(np.float32), -int(qmax)
+    lo = -qmax - 1
+    w64 = ws.astype(np.float64)
+    best_s = best_e = None
+    for c in CLIP_RATIOS:
+        s = (am * c / qmax).astype(np.float32)
+        s = np.where(s == 0, np.float32(1), s).astype(np.float32)
+        q = np.clip(np.rint(ws / s), lo, qmax)
+        d = w64 - q.astype(np.float64) * s.astype(np.float64)
+        e = (d * d).sum(axis=0)
+        if best_e is None:
+            best_s, best_e = s, e
+        else:
+            better = e < best_e
+            best_s = np.where(better, s, best_s)
+            best_e = np.where(better, e, best_e)
+    return best_s.astype(np.float32), int(lo)
+
+
+def quantize_weight(w: np.ndarray, bits: int, group: int, *, search: bool = False):
     """Symmetric round-to-nearest quantization of ``w: [K, N]`` in groups of ``group`` rows.
 
     ``group == 0``: one group over all rows (per output column). Returns
-    ``(q int8 [K, N], scale float32 [G, N])``; the last group may be partial.
+    ``(q int8 [K, N], scale float32 [G, N])``; the last group may be partial. ``search``: each
+    group's scale as :func:`weight_scale` chooses it.
     """
     w = np.asarray(w, dtype=np.float32)
     K, N = w.shape
     g = group if group else K
     G = -(-K // g)
-    qmax = np.float32(2 ** (bits - 1) - 1)
     q = np.zeros((K, N), dtype=np.int8)
     scale = np.zeros((G, N), dtype=np.float32)
     for j in range(G):
-        ws = w[j * g : min((j + 1) * g, K)]
-        s = (np.abs(ws).max(axis=0) / qmax).astype(np.float32)
-        s = np.where(s == 0, np.float32(1), s).astype(np.float32)
-        q[j * g : min((j + 1) * g, K)] = np.clip(np.rint(ws / s), -qmax, qmax).astype(np.int8)
+        rows = slice(j * g, min((j + 1) * g, K))
+        s, lo = weight_scale(w[rows], bits, search)
+        q[rows] = np.clip(np.rint(w[rows] / s), lo, 2 ** (bits - 1) - 1).astype(np.int8)
         scale[j] = s
     return q, scale
 

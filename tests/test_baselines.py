@@ -31,13 +31,18 @@ def _data(model) -> tuple[list[np.ndarray], np.ndarray]:
     return _ids(vocab, 3, 64, seed=11), _ids(vocab, 1, 40, seed=12)[0]
 
 
+# L2QER with absmax weight scales: on these random 2-layer models the rank-16 truncation falls
+# between nearly equal singular values, so the factors follow 1e-16 differences between numpy's
+# and torch's SVD; with searched scales that moved the logits by 1e-3 (w4a8) to 1e-2 (w4a4,
+# where any change propagates through 4-bit activations), measured, with identical main codes.
+ABSMAX = {"weight_scale": "absmax"}
 CASES = [
     ("tiny_llama", "smoothquant", "w4a8", {"group_w": 32, "group_a": 32}),
     ("tiny_llama", "smoothquant", "w4a4", {"group_w": 32, "group_a": 32}),
     ("tiny_llama_odd", "smoothquant", "w4a8", {"group_w": 64, "group_a": 64}),
-    ("tiny_llama", "l2qer", "w4a8", {"group_w": 32, "group_a": 32}),
-    ("tiny_llama", "l2qer", "w4a4", {"group_w": 32, "group_a": 32}),
-    ("tiny_llama_odd", "l2qer", "w4a8", {"group_w": 64, "group_a": 64}),
+    ("tiny_llama", "l2qer", "w4a8", {"group_w": 32, "group_a": 32, **ABSMAX}),
+    ("tiny_llama", "l2qer", "w4a4", {"group_w": 32, "group_a": 32, **ABSMAX}),
+    ("tiny_llama_odd", "l2qer", "w4a8", {"group_w": 64, "group_a": 64, **ABSMAX}),
 ]
 
 

@@ -44,6 +44,7 @@ def _float_logits(path, ids):
 
 @pytest.mark.parametrize("scheme", ["w4a8", "w4a4"])
 def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_path):
+    """Default settings on both sides: GPTQ with searched scales, the scheme's groups."""
     calib_ids, eval_ids = calib
     report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
                      progress=False, **SETTINGS)
@@ -66,25 +67,31 @@ def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_
     assert report.layers_converted == 14
 
 
-@pytest.mark.parametrize("scheme,method", [("w4a8", "serq"), ("w4a4", "rtn")])
-def test_gptq_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, method,
-                                                      tmp_path):
-    """GPTQ main weights: the ONNX converter and the torch fake-quant, each with its own GPTQ."""
+@pytest.mark.parametrize("scheme,method,weight_quant,weight_scale",
+                         [("w4a8", "serq", "rtn", "absmax"), ("w4a8", "serq", "rtn", "mse"),
+                          ("w4a4", "rtn", "gptq", "mse"), ("w4a4", "serq", "gptq", "absmax")])
+def test_weight_rounding_variants_match_torch_fakequant(tiny_llama, calib, scheme, method,
+                                                        weight_quant, weight_scale, tmp_path):
+    """Main weights rounded to nearest or by GPTQ, with absmax or searched group scales: the
+    ONNX converter and the torch fake-quant, each with its own implementation."""
     calib_ids, eval_ids = calib
-    report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, method=method,
-                     calib_ids=calib_ids, weight_quant="gptq", progress=False, **SETTINGS)
+    kw = dict(method=method, weight_quant=weight_quant, weight_scale=weight_scale, **SETTINGS)
+    report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
+                     progress=False, **kw)
     got = _onnx_logits(tmp_path / "out" / "model.onnx", eval_ids)
     flt = _float_logits(tiny_llama.onnx_path, eval_ids)
     ref = fakequant_logits(tiny_llama.hf_dir, [torch.as_tensor(s) for s in calib_ids],
                            torch.as_tensor(eval_ids)[None], bits_a=8 if scheme == "w4a8" else 4,
-                           bits_w=4, method=method, weight_quant="gptq", **SETTINGS)
+                           bits_w=4, **kw)
     ref = np.asarray(ref, np.float64).reshape(got.shape)
     to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
-    # Tolerances as in the RTN test above (measured: 2e-7 relative, no code flips).
+    # Tolerances as in the test above (measured: 2e-7 relative, no code flips).
     assert to_ref.rel_rms < 2e-3 and to_ref.rel_rms < to_float.rel_rms / 50, (to_ref, to_float)
     assert to_ref.top1_agree >= 0.95
     assert to_float.rel_rms < (0.1 if scheme == "w4a8" else 0.5), to_float
-    assert report.config["weight_quant"] == "gptq" and report.timings["gptq"] > 0
+    assert report.config["weight_quant"] == weight_quant
+    assert report.config["weight_scale"] == weight_scale
+    assert (report.timings.get("gptq", 0) > 0) == (weight_quant == "gptq")
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -280,7 +280,7 @@ def test_model_outliers_serq_beats_rtn(tiny):
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17, 40]] *= 30.0
         ref = model(input_ids=ev, use_cache=False).logits
-    kw = dict(bits_a=8, bits_w=4, rank=32, group_w=32, group_a=32)
+    kw = dict(bits_a=8, bits_w=4, rank=32, group_w=32, group_a=32, weight_quant="rtn")
     serq, _ = _quant_logits(model, calib, ev, method="serq", **kw)
     rtn, _ = _quant_logits(model, calib, ev, method="rtn", **kw)
     absmax = fq.calibrate_absmax(model, calib)
@@ -309,7 +309,9 @@ def test_rtn_needs_no_calibration_and_bad_method(tiny):
 def test_fakequant_logits_from_directory(tiny, tmp_path):
     model, calib, ev, _ = tiny
     model.save_pretrained(tmp_path)
-    kw = dict(bits_a=8, bits_w=4, rank=32, group_w=32, group_a=32)
+    # Round to nearest: GPTQ on 128 random tokens would turn the 1e-9 difference between this
+    # model's attention and the reloaded (eager) one into code flips.
+    kw = dict(bits_a=8, bits_w=4, rank=32, group_w=32, group_a=32, weight_quant="rtn")
     got = fq.fakequant_logits(tmp_path, calib, ev.numpy(), **kw)
     want, _ = _quant_logits(model, calib, ev, **kw)
     assert isinstance(got, np.ndarray) and got.dtype == np.float32
@@ -379,8 +381,8 @@ def test_calibrate_hessians(tiny):
 
 def test_model_gptq_closer_to_float(tiny):
     model, calib, ev, ref = tiny
-    kw = dict(bits_a=8, bits_w=4, rank=32, group_w=32, group_a=32)
-    rtn, _ = _quant_logits(model, calib, ev, **kw)
+    kw = dict(bits_a=8, bits_w=4, rank=32, group_w=32, group_a=32, weight_scale="absmax")
+    rtn, _ = _quant_logits(model, calib, ev, weight_quant="rtn", **kw)
     gptq, _ = _quant_logits(model, calib, ev, weight_quant="gptq", **kw)
     # Random weights, random tokens: GPTQ still lowers the logit error (measured 0.091 -> 0.077).
     assert _rel(gptq, ref) < 0.9 * _rel(rtn, ref)

@@ -93,7 +93,8 @@ def test_layer_hessian_is_that_of_the_transformed_input():
 def test_config_validates_weight_quant():
     assert ConvertConfig(weight_quant="gptq").needs_calibration
     assert ConvertConfig(method="rtn", weight_quant="gptq").needs_calibration
-    assert not ConvertConfig(method="rtn").needs_calibration
+    assert not ConvertConfig(method="rtn").needs_calibration  # baselines round to nearest
+    assert ConvertConfig().weight_quant == "gptq" and ConvertConfig().needs_calibration
     with pytest.raises(SerqError, match="weight quantizer"):
         ConvertConfig(weight_quant="awq")
     for damp in (0, -0.1, 2.0, float("nan"), True):
