@@ -7,7 +7,7 @@ by more than float noise means one of the two implementations is wrong.
     .venv/bin/python benchmarks/fakequant_ppl.py serq:w4a8:rtn serq:w4a4:gptq rtn:w4a8:rtn ...
 
 Each config is ``method:scheme:weight_quant[:key=value...]`` (keys: rank, group_w, group_a,
-alpha); ``float`` evaluates the float model.
+alpha, weight_scale); ``float`` evaluates the float model.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load()
         if spec != "float":
             method, scheme, wq, *extra = spec.split(":")
-            kw = {k: (float(v) if k == "alpha" else int(v))
+            kw = {k: (float(v) if k == "alpha" else v if k == "weight_scale" else int(v))
                   for k, v in (e.split("=") for e in extra)}
             if "alpha" in kw:
                 kw["smooth_alpha"] = kw.pop("alpha")

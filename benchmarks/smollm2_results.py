@@ -24,38 +24,45 @@ COMMON = "--calib-samples 32 --calib-seqlen 512 -q --overwrite"
 
 # name -> convert flags ("" = the float model; "nbits" = onnxruntime's MatMulNBits)
 ROWS = {
-    # Defaults: SERQ rounds the main weight with GPTQ, the baselines to nearest (as published);
-    # every method uses searched weight-group scales; activation groups are 128 at w4a8, 32 at
-    # w4a4. Rows marked otherwise change exactly that.
+    # Defaults: SERQ rounds the main weight with GPTQ and searched group scales, the baselines to
+    # nearest with absmax scales (as published); activation groups are 128 at w4a8, 32 at w4a4.
+    # Rows marked otherwise change exactly that.
     "main": {
         "float32": None,
-        "MatMulNBits w4 (onnxruntime, weight-only)": "nbits",
-        "RTN w4a8": "--scheme w4a8 --method rtn",
-        "SmoothQuant w4a8": "--scheme w4a8 --method smoothquant --alpha 0.5",
-        "L2QER w4a8": "--scheme w4a8 --method l2qer",
         "SERQ w4a8": "--scheme w4a8",
-        "SERQ w4a8, main weight round to nearest": "--scheme w4a8 --weight-quant rtn",
+        "SERQ w4a4": "--scheme w4a4",
         "RTN w4a4": "--scheme w4a4 --method rtn",
         "SmoothQuant w4a4": "--scheme w4a4 --method smoothquant --alpha 0.5",
         "L2QER w4a4": "--scheme w4a4 --method l2qer",
+        "RTN w4a8": "--scheme w4a8 --method rtn",
+        "SmoothQuant w4a8": "--scheme w4a8 --method smoothquant --alpha 0.5",
+        "L2QER w4a8": "--scheme w4a8 --method l2qer",
+        "SERQ w4a8, main weight round to nearest": "--scheme w4a8 --weight-quant rtn",
+        "SERQ w4a4, main weight round to nearest": "--scheme w4a4 --weight-quant rtn",
         "RTN w4a4 + GPTQ": "--scheme w4a4 --method rtn --weight-quant gptq",
         "SmoothQuant w4a4 + GPTQ": "--scheme w4a4 --method smoothquant --alpha 0.5 "
                                    "--weight-quant gptq",
         "L2QER w4a4 + GPTQ": "--scheme w4a4 --method l2qer --weight-quant gptq",
-        "SERQ w4a4": "--scheme w4a4",
-        "SERQ w4a4, main weight round to nearest": "--scheme w4a4 --weight-quant rtn",
+        "SERQ w4a4, activation groups of 128": "--scheme w4a4 --group-a 128",
+        "RTN w4a4, activation groups of 128": "--scheme w4a4 --method rtn --group-a 128",
+        "SmoothQuant w4a4, activation groups of 128": "--scheme w4a4 --method smoothquant "
+                                                      "--alpha 0.5 --group-a 128",
+        "L2QER w4a4, activation groups of 128": "--scheme w4a4 --method l2qer --group-a 128",
+        "MatMulNBits w4 (onnxruntime, weight-only)": "nbits",
     },
     "ablation": {
         "SERQ w4a8, absmax weight scales": "--scheme w4a8 --weight-scale absmax",
         "SERQ w4a8, RTN, absmax weight scales": "--scheme w4a8 --weight-quant rtn "
                                                 "--weight-scale absmax",
         "SERQ w4a8 rank 256": "--scheme w4a8 --rank 256",
+        "SmoothQuant w4a8, searched weight scales": "--scheme w4a8 --method smoothquant "
+                                                    "--alpha 0.5 --weight-scale mse",
+        "RTN w4a8, searched weight scales": "--scheme w4a8 --method rtn --weight-scale mse",
         "SERQ w4a8 group_w 64": "--scheme w4a8 --group-w 64",
         "flatten only w4a4 (rank 0)": "--scheme w4a4 --method flatten",
         "SERQ w4a4 rank 32": "--scheme w4a4 --rank 32",
         "SERQ w4a4 rank 64": "--scheme w4a4 --rank 64",
         "SERQ w4a4 rank 256": "--scheme w4a4 --rank 256",
-        "SERQ w4a4 group_a 128": "--scheme w4a4 --group-a 128",
         "SERQ w4a4 group_a 64": "--scheme w4a4 --group-a 64",
         "SERQ w4a4, absmax weight scales": "--scheme w4a4 --weight-scale absmax",
     },

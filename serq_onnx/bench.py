@@ -77,9 +77,9 @@ def matmul_nbits(w: np.ndarray, block: int, accuracy_level: int) -> bytes:
                   "com.microsoft")
 
 
-def serq_matmul(w: np.ndarray, *, bits_a: int, rank: int, group: int) -> bytes:
+def serq_matmul(w: np.ndarray, *, bits_a: int, rank: int, group: int, group_a: int) -> bytes:
     K, N = w.shape
-    layout = reference.Layout(K=K, N=N, rank=min(rank, K), group_w=group, group_a=group,
+    layout = reference.Layout(K=K, N=N, rank=min(rank, K), group_w=group, group_a=group_a,
                               bits_w=4, bits_a=bits_a)
     wts = reference.build_serq_weights(w, layout)
     perm = np.random.default_rng(0).permutation(K).astype(np.int64)
@@ -111,9 +111,18 @@ def _time(sess, a: np.ndarray, min_seconds: float) -> float:
     return statistics.median(runs) * 1e3
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def run(shapes: list[tuple[int, int]], ms: list[int], *, threads: int = 0, rank: int = 128,
-        group: int = 128, min_seconds: float = 0.5, progress: bool = True) -> list[Timing]:
+        group: int = 128, group_a: int | None = None, min_seconds: float = 0.5,
+        progress: bool = True) -> list[Timing]:
+    """``group``: weight groups (and MatMulNBits blocks); ``group_a``: activation groups of
+    both SerqMatMul schemes, None for each scheme's conversion default."""
     import onnxruntime as ort
+
+    from .plan import DEFAULT_GROUP_A
     from tqdm.auto import tqdm
 
     from .library import get_library_path
@@ -134,8 +143,10 @@ def run(shapes: list[tuple[int, int]], ms: list[int], *, threads: int = 0, rank:
             "float MatMul": float_matmul(w),
             "MatMulNBits": matmul_nbits(w, group, 0),
             "MatMulNBits int8": matmul_nbits(w, group, 4),
-            "SerqMatMul w4a8": serq_matmul(w, bits_a=8, rank=rank, group=group),
-            "SerqMatMul w4a4": serq_matmul(w, bits_a=4, rank=rank, group=group),
+            "SerqMatMul w4a8": serq_matmul(w, bits_a=8, rank=rank, group=group,
+                                           group_a=_or(group_a, DEFAULT_GROUP_A["w4a8"])),
+            "SerqMatMul w4a4": serq_matmul(w, bits_a=4, rank=rank, group=group,
+                                           group_a=_or(group_a, DEFAULT_GROUP_A["w4a4"])),
         }
         timing = {}
         for name, model in models.items():

@@ -33,9 +33,10 @@ def _add_convert(sub) -> None:
                    help="main weight rounding: gptq (compensates rounding errors with the "
                    "calibration inputs) or rtn (round to nearest: faster, less accurate); "
                    "default: gptq for serq and flatten, rtn for the baselines, as published")
-    p.add_argument("--weight-scale", default="mse", choices=["mse", "absmax"],
-                   help="weight group scales: mse (default; clipping searched for the least "
-                   "rounding error) or absmax (max|w| / 7)")
+    p.add_argument("--weight-scale", default=None, choices=["mse", "absmax"],
+                   help="weight group scales: mse (clipping searched for the least rounding "
+                   "error) or absmax (max|w| / 7); default: mse for serq and flatten, absmax for "
+                   "the baselines")
     p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
@@ -131,7 +132,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--m", default="1,16,128,1024", help="token counts, comma separated")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's)")
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--group", type=int, default=128, help="weight group (MatMulNBits block)")
+    p.add_argument("--group-a", type=int, default=None,
+                   help="activation group of both SerqMatMul schemes (default: each scheme's "
+                   "conversion default, 128 for w4a8 and 32 for w4a4)")
     p.add_argument("--seconds", type=float, default=0.5, help="minimum timing per case")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_bench)
@@ -150,7 +154,8 @@ def _bench(args) -> int:
     if args.model:
         shapes += bench.shapes_of_model(args.model)
     results = bench.run(shapes or bench.SMOLLM2_SHAPES, ms, threads=args.threads,
-                        rank=args.rank, group=args.group, min_seconds=args.seconds,
+                        rank=args.rank, group=args.group, group_a=args.group_a,
+                        min_seconds=args.seconds,
                         progress=not args.quiet)
     print(f"machine: {bench.machine_name()}")
     print(bench.format_table(results))

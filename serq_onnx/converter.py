@@ -123,19 +123,22 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             rank: int = 128, group_w: int = 128, group_a: int | None = None, method: str = "serq",
             calib: str | os.PathLike | None = None, calib_samples: int = 128,
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
-            weight_quant: str | None = None, weight_scale: str = "mse", fuse: bool = True,
-            verify: bool = True, overwrite: bool = False, progress: bool = True, smooth_alpha: float = 0.5, log=print) -> ConversionReport:
+            weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
+            verify: bool = True, overwrite: bool = False, progress: bool = True,
+            smooth_alpha: float = 0.5, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
     (config, tokenizer, generation config), so it loads wherever the original loaded. Nothing is
     left in ``output`` unless conversion succeeds. ``weight_quant``: ``"gptq"`` compensates
     rounding errors with the Hessian of each layer's calibration inputs; ``"rtn"`` rounds the
-    main weight to nearest (faster, less accurate); None: gptq for SERQ, rtn for the baselines. ``weight_scale``: ``"mse"`` searches each
+    main weight to nearest (faster, less accurate). ``weight_scale``: ``"mse"`` searches each
     weight group's clipping for the least rounding error, ``"absmax"`` takes ``max|w| / 7``.
-    ``group_a`` None takes the scheme's default (128 for w4a8, 32 for w4a4). ``method`` ``"smoothquant"`` (migration strength
-    ``smooth_alpha``) and ``"l2qer"`` (low-rank error correction of rank ``rank``) are baselines
-    built from the same groups, bits and kernels as SERQ, for comparison.
+    None for either: SERQ's gptq and mse, the baselines' rtn and absmax, as published.
+    ``group_a`` None takes the scheme's default (128 for w4a8, 32 for w4a4). ``method``
+    ``"smoothquant"`` (migration strength ``smooth_alpha``) and ``"l2qer"`` (low-rank error
+    correction of rank ``rank``) are baselines built from the same groups, bits and kernels as
+    SERQ, for comparison.
     """
     from serq_onnx import passes
 

@@ -636,7 +636,7 @@ def apply_serq_fakequant(
     hessians: Optional[dict[str, torch.Tensor]] = None,
     smooth_alpha: float = 0.5,
     absmean: Optional[dict[str, torch.Tensor]] = None,
-    weight_scale: str = "mse",
+    weight_scale: Optional[str] = None,
 ) -> nn.Module:
     """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
 
@@ -648,7 +648,8 @@ def apply_serq_fakequant(
     (dampening ``gptq_damp``) against its input Hessian from the float model on ``calib_ids``
     (or ``hessians``, from :func:`calibrate_hessians`); ``"rtn"`` rounds it to nearest; None:
     GPTQ for ``"serq"`` and ``"flatten"``, round to nearest for the baselines.
-    ``weight_scale``: ``"mse"`` (clipping searched) or ``"absmax"`` main weight group scales.
+    ``weight_scale``: ``"mse"`` (clipping searched) or ``"absmax"`` main weight group scales;
+    None: mse for ``"serq"`` and ``"flatten"``, absmax for the baselines.
     ``group_a`` None: 32 for 4-bit activations, else 128. The model is converted to float32 and
     returned.
 
@@ -662,6 +663,8 @@ def apply_serq_fakequant(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if weight_quant is None:
         weight_quant = "gptq" if method in ("serq", "flatten") else "rtn"
+    if weight_scale is None:
+        weight_scale = "mse" if method in ("serq", "flatten") else "absmax"
     if weight_quant not in WEIGHT_QUANTS:
         raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {weight_quant!r}")
     if group_a is None:

@@ -8,6 +8,7 @@ attention stay float in both. Evaluate the result with ``serq-onnx eval`` like a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -74,6 +75,8 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
     except ImportError as e:
         raise SerqError(f"onnxruntime's quantization tools are unavailable ({e}); install "
                         "onnxruntime >= 1.20 with its dependencies") from None
+    # Its module logs every node of the graph at INFO; the progress bar says what matters.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     from tqdm.auto import tqdm
 
     from serq_onnx import passes
