@@ -80,3 +80,21 @@ def test_gptq_search_numpy_matches_torch():
         return float(np.linalg.norm(x @ e))
 
     assert out_err(c_np, s_np) < out_err(c_a, s_a)
+
+
+def test_config_defaults_per_method_and_scheme():
+    from serq_onnx.errors import SerqError
+    from serq_onnx.plan import ConvertConfig
+
+    serq = ConvertConfig()
+    assert (serq.weight_quant, serq.weight_scale, serq.group_a) == ("gptq", "mse", 128)
+    for method in ("rtn", "smoothquant", "l2qer"):
+        c = ConvertConfig(method=method)
+        assert (c.weight_quant, c.weight_scale) == ("rtn", "absmax")
+    assert ConvertConfig(method="flatten").weight_scale == "mse"
+    assert ConvertConfig(scheme="w4a4").group_a == 32
+    assert ConvertConfig(scheme="w4a4", group_a=128).group_a == 128
+    assert ConvertConfig(scheme="w4a4", group_a=0).group_a == 0
+    assert ConvertConfig(method="rtn", weight_scale="mse").weight_scale == "mse"
+    with pytest.raises(SerqError, match="weight scale rule"):
+        ConvertConfig(weight_scale="percentile")
