@@ -36,6 +36,27 @@ def perplexity(model, ids: np.ndarray, ctx: int) -> float:
     return math.exp(nll / n)
 
 
+def _onnx_stats(model_path: Path, calib: list) -> dict:
+    """absmax and per-token Hessians keyed by torch module name, from the ONNX CalibratePass."""
+    import torch
+
+    from serq_onnx import passes
+    from serq_onnx.modelio import load_model
+    from serq_onnx.plan import ConvertConfig, Plan
+
+    plan = Plan(ConvertConfig(weight_quant="gptq"))
+    model = load_model(model_path)
+    passes.FindTargetsPass(plan)(model)
+    passes.CalibratePass(plan, calib)(model)
+    absmax, hessians = {}, {}
+    for group in plan.groups:
+        h = torch.as_tensor(group.gram / max(group.tokens, 1))
+        for t in group.targets:
+            absmax[f"model.{t.name}"] = torch.as_tensor(group.absmax)
+            hessians[f"model.{t.name}"] = h
+    return {"absmax": absmax, "hessians": hessians}
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
@@ -52,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--onnx-stats", action="store_true",
+                    help="quantize from the calibration statistics (absmax, Gram matrices) that "
+                    "the ONNX converter's own CalibratePass measures on the same tokens, so that "
+                    "both implementations start from identical numbers")
     args = ap.parse_args(argv)
 
     hf_dir = data.smollm2_hf_dir(args.cache)
@@ -67,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, attn_implementation="eager").float().eval()
 
+    stats = _onnx_stats(tok_dir / "model.onnx", calib) if args.onnx_stats else {}
+
     for spec in args.configs:
         t = time.perf_counter()
         model = load()
@@ -78,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 kw["smooth_alpha"] = kw.pop("alpha")
             bits_a = {"w4a8": 8, "w4a4": 4}[scheme]
             apply_serq_fakequant(model, calib_t, bits_a=bits_a, bits_w=4, method=method,
-                                 weight_quant=wq, **kw)
+                                 weight_quant=wq, **stats, **kw)
         ppl = perplexity(model, ids, args.ctx)
         print(f"{spec}\tppl {ppl:.4f}\t({len(ids)} tokens, {time.perf_counter() - t:.0f} s)",
               flush=True)

@@ -52,19 +52,16 @@ ROWS = {
     },
     "ablation": {
         "SERQ w4a8, absmax weight scales": "--scheme w4a8 --weight-scale absmax",
-        "SERQ w4a8, RTN, absmax weight scales": "--scheme w4a8 --weight-quant rtn "
-                                                "--weight-scale absmax",
-        "SERQ w4a8 rank 256": "--scheme w4a8 --rank 256",
-        "SmoothQuant w4a8, searched weight scales": "--scheme w4a8 --method smoothquant "
-                                                    "--alpha 0.5 --weight-scale mse",
-        "RTN w4a8, searched weight scales": "--scheme w4a8 --method rtn --weight-scale mse",
-        "SERQ w4a8 group_w 64": "--scheme w4a8 --group-w 64",
+        "SERQ w4a8, round to nearest, absmax weight scales": "--scheme w4a8 --weight-quant rtn "
+                                                             "--weight-scale absmax",
         "flatten only w4a4 (rank 0)": "--scheme w4a4 --method flatten",
         "SERQ w4a4 rank 32": "--scheme w4a4 --rank 32",
         "SERQ w4a4 rank 64": "--scheme w4a4 --rank 64",
         "SERQ w4a4 rank 256": "--scheme w4a4 --rank 256",
-        "SERQ w4a4 group_a 64": "--scheme w4a4 --group-a 64",
-        "SERQ w4a4, absmax weight scales": "--scheme w4a4 --weight-scale absmax",
+        "SERQ w4a4, activation groups of 64": "--scheme w4a4 --group-a 64",
+        "RTN w4a8, searched weight scales": "--scheme w4a8 --method rtn --weight-scale mse",
+        "SmoothQuant w4a8, searched weight scales": "--scheme w4a8 --method smoothquant "
+                                                    "--alpha 0.5 --weight-scale mse",
     },
 }
 
@@ -80,8 +77,7 @@ def _run(cmd: str) -> float:
     return time.perf_counter() - t
 
 
-def _markdown(table: list, rows: dict, cache: Path, exe: str) -> str:
-    base = table[0][1]["perplexity"]["ppl"] if table and rows.get(table[0][0]) is None else None
+def _markdown(table: list, base: float | None, cache: Path, exe: str) -> str:
     lines = ["| model | ppl | vs fp32 | last-word acc | convert s | command |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, res, cmds, convert_s in table:
@@ -96,13 +92,21 @@ def _markdown(table: list, rows: dict, cache: Path, exe: str) -> str:
     return "\n".join(lines)
 
 
+def _float_ppl(table: list, out_root: Path) -> float | None:
+    """The float model's perplexity: from this run's first row, else from an earlier run."""
+    if table and table[0][3] is None and ROWS["main"].get(table[0][0], "") is None:
+        return table[0][1]["perplexity"]["ppl"]
+    js = out_root / f"{_slug('float32')}.json"
+    return json.loads(js.read_text())["perplexity"]["ppl"] if js.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path(".cache"))
     ap.add_argument("--rows", default="main", choices=[*ROWS, "all"])
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--last-word", type=int, default=100)
-    ap.add_argument("--only", help="comma-separated row names to run")
+    ap.add_argument("--only", help="row names to run, separated by ';'")
     ap.add_argument("--out", type=Path, help="also write the table here after every row")
     args = ap.parse_args(argv)
 
@@ -115,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = {k: v for group in ROWS for k, v in ROWS[group].items()
             if args.rows in ("all", group)}
     if args.only:
-        rows = {k: v for k, v in rows.items() if k in args.only.split(",")}
+        wanted = [name.strip() for name in args.only.split(";")]
+        unknown = [name for name in wanted if name not in rows]
+        if unknown:
+            ap.error(f"unknown rows {unknown}; choose from {list(rows)}")
+        rows = {k: v for k, v in rows.items() if k in wanted}
     exe = f"{Path(sys.executable).parent}/serq-onnx"
     out_root = cache / "smollm2-135m" / "results"
     table = []
@@ -141,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         table.append((name, res, [c for c in (convert_cmd, eval_cmd) if c], convert_s))
         print(f"{name}: ppl {res['perplexity']['ppl']:.3f}", flush=True)
         if args.out:
-            args.out.write_text(_markdown(table, rows, cache, exe) + "\n")
+            args.out.write_text(_markdown(table, _float_ppl(table, out_root), cache, exe) + "\n")
 
     print()
-    print(_markdown(table, rows, cache, exe))
+    print(_markdown(table, _float_ppl(table, out_root), cache, exe))
     return 0
 
 
