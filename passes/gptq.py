@@ -1,4 +1,4 @@
-"""GPTQ for the residual main weight (Frantar et al., 2023), an alternative to round to nearest.
+"""GPTQ for the residual main weight (Frantar et al., 2023), SERQ's default over round to nearest.
 
 The main weight multiplies ``X^ = (X / s)[..., pi]``, so its Hessian is that of ``X^``:
 ``H^ = D P H P^T D`` with ``H = sum_t x_t^T x_t`` from calibration (original channel order),
@@ -6,8 +6,8 @@ The main weight multiplies ``X^ = (X / s)[..., pi]``, so its Hessian is that of 
 quantized in natural order -- the permutation already puts the salient channels first, and the
 op needs each weight group to be ``group_w`` consecutive rows -- and each row's rounding error is
 spread over the rows not yet quantized. A group's scale is taken from the error-updated weights
-when the sweep reaches its first row (static groups), with the same rule as
-``reference.quantize_weight``, so the codes and scales satisfy the op contract unchanged.
+when the sweep reaches its first row (static groups), with ``reference.weight_scale`` (absmax
+or the least-error search), so the codes and scales satisfy the op contract unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
-                  damp: float = 0.01, block: int = 128, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  damp: float = 0.01, block: int = 128,
+                  search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of ``w: [K, N]`` (rows = input channels) against the input Hessian ``[K, K]``.
 
     Symmetric ``bits``-bit codes in groups of ``group`` rows (0: one group), like

@@ -1,4 +1,8 @@
-"""Quantize each residual main weight (round to nearest, groups along K) and pack the op inputs."""
+"""Quantize each residual main weight (round to nearest, groups along K) and pack the op inputs.
+
+Group scales are absmax or searched for the least rounding error (``config.weight_scale``);
+``GPTQPass`` replaces this pass when ``config.weight_quant == "gptq"``.
+"""
 
 from __future__ import annotations
 

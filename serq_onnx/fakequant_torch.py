@@ -134,7 +134,9 @@ def _clip_ratios(device=None) -> torch.Tensor:
     return (1.0 - torch.arange(33, dtype=torch.float64, device=device) / 64).to(torch.float32)
 
 
-def weight_group_scale(wg: torch.Tensor, bits: int, search: bool = False) -> tuple[torch.Tensor, float]:
+def weight_group_scale(
+    wg: torch.Tensor, bits: int, search: bool = False
+) -> tuple[torch.Tensor, float]:
     """Scales ``[...]`` of weight groups ``wg: [..., g]`` and the lowest code.
 
     Absmax: ``max|w| / qmax``, codes down to ``-qmax``. ``search``: every candidate ratio is tried

@@ -46,7 +46,7 @@ class ConvertConfig:
     method: str = "serq"
     scale_floor: float = 1e-5
     weight_quant: str | None = None  # main weight rounding: gptq or rtn (None: the method's own)
-    weight_scale: str | None = None  # group scales: mse (clipping searched) or absmax (None: per method)
+    weight_scale: str | None = None  # group scales: mse (searched) or absmax (None: the method's)
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     smooth_alpha: float = 0.5  # SmoothQuant migration strength (method "smoothquant" only)
 
@@ -55,9 +55,9 @@ class ConvertConfig:
             raise SerqError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         if self.method not in METHODS:
             raise SerqError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.weight_quant is None and self.method in METHODS:
+        if self.weight_quant is None:
             object.__setattr__(self, "weight_quant", DEFAULT_WEIGHT_QUANT[self.method])
-        if self.weight_scale is None and self.method in METHODS:
+        if self.weight_scale is None:
             object.__setattr__(self, "weight_scale", DEFAULT_WEIGHT_SCALE[self.method])
         if self.weight_quant not in WEIGHT_QUANTS:
             raise SerqError(f"unknown weight quantizer {self.weight_quant!r}; choose one of "
