@@ -451,19 +451,11 @@ class SerqFakeQuantLinear(nn.Module):
         rank: int = 128,
         group_w: int = 128,
         group_a: int = 128,
-        weight_quant: str = "rtn",
-        hessian: Optional[torch.Tensor] = None,
-        gptq_damp: float = 0.01,
-        permute: bool = True,
-        lowrank: int = 0,
-        absmean: Optional[torch.Tensor] = None,
-        scale_floor: float = 1e-5,
-        weight_scale: str = "absmax",
+        **weight_options,
     ) -> "SerqFakeQuantLinear":
+        """``weight_options``: the other keyword arguments of :func:`build_layer_weights`."""
         lw = build_layer_weights(linear.weight.T, s, rank=rank, bits_w=bits_w, group_w=group_w,
-                                 weight_quant=weight_quant, hessian=hessian, gptq_damp=gptq_damp,
-                                 permute=permute, lowrank=lowrank, absmean=absmean,
-                                 scale_floor=scale_floor, weight_scale=weight_scale)
+                                 **weight_options)
         return cls(lw, linear.bias, bits_a=bits_a, group_a=group_a)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
