@@ -20,6 +20,8 @@ from serq_onnx import reference
 from serq_onnx.errors import SerqError
 from serq_onnx.plan import InputGroup, Plan
 
+from .quantize import pack_target
+
 
 def layer_hessian(gram: np.ndarray, tokens: int, s: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """The per-token Hessian of the layer input ``X^ = (X / s)[..., perm]`` from ``sum x^T x``.
@@ -132,10 +134,6 @@ class GPTQPass(ir.passes.InPlacePass):
         for t in group.targets:
             cols = slice(start, start + t.N)
             start += t.N
-            layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
-                                      group_a=cfg.group_a, bits_w=cfg.bits_w, bits_a=cfg.bits_a)
-            t.weights = reference.assemble_weights(
-                layout, np.ascontiguousarray(codes[:, cols]),
-                np.ascontiguousarray(scales[:, cols]), t.r_codes, t.r_scale)
-            t.residual = None
+            pack_target(t, cfg, np.ascontiguousarray(codes[:, cols]),
+                        np.ascontiguousarray(scales[:, cols]))
         group.gram = None  # K x K float64 per group: free it as soon as it is used
