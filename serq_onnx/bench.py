@@ -121,11 +121,10 @@ def run(shapes: list[tuple[int, int]], ms: list[int], *, threads: int = 0, rank:
     """``group``: weight groups (and MatMulNBits blocks); ``group_a``: activation groups of
     both SerqMatMul schemes, None for each scheme's conversion default."""
     import onnxruntime as ort
-
-    from .plan import DEFAULT_GROUP_A
     from tqdm.auto import tqdm
 
     from .library import get_library_path
+    from .plan import DEFAULT_GROUP_A
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
