@@ -302,3 +302,25 @@ def test_instruction_sets_agree_bitwise(name, monkeypatch):
         outs[isa] = session(model).run(None, {"A": A})[0]
     np.testing.assert_array_equal(outs["avx2"], outs["scalar"])
     np.testing.assert_array_equal(outs["avx512vnni"], outs["scalar"])
+
+
+# (K, N, rank, group_w, group_a, bits_w, bits_a, leading dims of A): odd blocks, which start at
+# odd k every other block, so 4-bit codes begin in the high nibble of a byte.
+ODD_BLOCKS = {
+    "ga1_gw6": (20, 9, 7, 6, 1, 4, 8, (3,)),
+    "ga3_gw6": (25, 11, 8, 6, 3, 4, 4, (5,)),
+    "ga5_gw10": (33, 13, 12, 10, 5, 4, 8, (1,)),
+    "ga1_gw128": (150, 10, 20, 128, 1, 4, 8, (2,)),
+    "ga3_gw6_w8": (25, 11, 8, 6, 3, 8, 8, (4,)),
+    "ga5_gw10_m1": (40, 17, 40, 10, 5, 4, 4, (1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_BLOCKS))
+def test_odd_blocks_match_reference(name, isa):
+    K, N, r, gw, ga, bw, ba, lead = ODD_BLOCKS[name]
+    case = random_case(K, N, r, gw, ga, bw, ba, seed=zlib.crc32(name.encode()), act_scale=True,
+                       act_perm=np.int64, bias=True)
+    A = _activations(lead + (K,), seed=13)
+    y = session(make_model(case, [f"d{i}" for i in range(len(lead))] + [K])).run(None, {"A": A})[0]
+    _check(case, A, y)

@@ -7,16 +7,27 @@ namespace serq {
 
 namespace {
 
+// Exact dot product of the activation codes a[0..bs) with weight codes k0 .. k0+bs-1 of the packed
+// row `wrow`. With 4-bit weights an odd block size makes every other block start at an odd k,
+// i.e. in the high nibble of a byte, and end in a low one.
 template <int kBitsW>
-inline int32_t BlockDotScalar(const uint8_t* a, const uint8_t* w, int64_t bs) {
+inline int32_t BlockDotScalar(const uint8_t* a, const uint8_t* wrow, int64_t k0, int64_t bs) {
   int32_t dot = 0;
   if (kBitsW == 4) {
-    for (int64_t i = 0; i < bs / 2; ++i) {
-      const int32_t lo = static_cast<int32_t>(w[i] & 0x0F) - 8;
-      const int32_t hi = static_cast<int32_t>(w[i] >> 4) - 8;
-      dot += static_cast<int32_t>(a[2 * i]) * lo + static_cast<int32_t>(a[2 * i + 1]) * hi;
+    const uint8_t* w = wrow + k0 / 2;
+    int64_t i = 0;
+    if (k0 & 1) {
+      dot += static_cast<int32_t>(a[0]) * (static_cast<int32_t>(*w++ >> 4) - 8);
+      i = 1;
     }
+    for (; i + 2 <= bs; i += 2, ++w) {
+      const int32_t lo = static_cast<int32_t>(*w & 0x0F) - 8;
+      const int32_t hi = static_cast<int32_t>(*w >> 4) - 8;
+      dot += static_cast<int32_t>(a[i]) * lo + static_cast<int32_t>(a[i + 1]) * hi;
+    }
+    if (i < bs) dot += static_cast<int32_t>(a[i]) * (static_cast<int32_t>(*w & 0x0F) - 8);
   } else {
+    const uint8_t* w = wrow + k0;
     for (int64_t i = 0; i < bs; ++i) {
       dot += static_cast<int32_t>(a[i]) * static_cast<int32_t>(static_cast<int8_t>(w[i]));
     }
@@ -41,7 +52,7 @@ void TileScalar(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int n
       for (const auto& rg : ranges) {
         for (int64_t b = rg[0]; b < rg[1]; ++b) {
           const int64_t k0 = b * bs;
-          const int32_t dot = BlockDotScalar<kBitsW>(arow + k0, wrow + (kBitsW == 4 ? k0 / 2 : k0), bs);
+          const int32_t dot = BlockDotScalar<kBitsW>(arow + k0, wrow, k0, bs);
           const int64_t ia = ActParamIndex(m, b, L.n_blocks);
           const float sa = p.a_scale[ia];
           const float sw = wsc[k0 / L.a.group_w];
