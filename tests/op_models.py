@@ -65,30 +65,34 @@ def codes_case(K, N, rank, group_w, group_a, bits_w=4, bits_a=8, *, ext=False) -
 
 
 def make_model(case: Case, a_shape, a_dtype=np.float32, *, attrs: dict | None = None,
-               B_shape_override=None, perm_as_input=False, consumer=False) -> bytes:
+               B_shape_override=None, perm_as_input=False, consumer=False,
+               fed: tuple[str, ...] = ()) -> bytes:
     """A model computing ``Y = SerqMatMul(A, ...)`` with the weights as initializers.
 
     ``a_shape`` may hold strings (symbolic dims). ``attrs`` overrides node attributes (a value of
     None removes one). ``consumer``: the op's output is an untyped intermediate feeding
-    ``Y = Add(t, t)``, so onnxruntime has to infer its type.
+    ``Y = Add(t, t)``, so onnxruntime has to infer its type. ``fed`` names inputs (``B``,
+    ``scales``, ``wsum``, ``act_scale``, ``act_perm``, ``bias``) that become graph inputs, fed at
+    run time (:func:`feeds`), instead of constant initializers; ``perm_as_input`` is
+    ``fed=("act_perm",)``.
     """
+    fed = set(fed) | ({"act_perm"} if perm_as_input else set())
     L = case.layout
     a_dtype = np.dtype(a_dtype)
     elem = _DTYPE[a_dtype]
-    inits = [numpy_helper.from_array(case.B, "B"), numpy_helper.from_array(case.scales, "scales"),
-             numpy_helper.from_array(case.wsum, "wsum")]
-    if B_shape_override is not None:
-        inits[0] = numpy_helper.from_array(np.zeros(B_shape_override, np.uint8), "B")
+    B = case.B if B_shape_override is None else np.zeros(B_shape_override, np.uint8)
     inputs = [helper.make_tensor_value_info("A", elem, list(a_shape))]
+    inits = []
     names = ["A", "B", "scales", "wsum", "", "", ""]
-    for i, key in ((4, "act_scale"), (5, "act_perm"), (6, "bias")):
-        arr = getattr(case, key)
+    for i, key in enumerate(("B", "scales", "wsum", "act_scale", "act_perm", "bias"), start=1):
+        arr = B if key == "B" else getattr(case, key)
         if arr is None:
             continue
         names[i] = key
-        if key == "act_perm" and perm_as_input:
+        if key in fed:
+            dims = [f"{key}_{d}" for d in range(arr.ndim)]
             inputs.append(helper.make_tensor_value_info(
-                key, helper.np_dtype_to_tensor_dtype(arr.dtype), ["P"]))
+                key, helper.np_dtype_to_tensor_dtype(arr.dtype), dims))
         else:
             inits.append(numpy_helper.from_array(arr, key))
     while names[-1] == "":
@@ -110,6 +114,14 @@ def make_model(case: Case, a_shape, a_dtype=np.float32, *, attrs: dict | None = 
                                                     helper.make_opsetid(ref.DOMAIN, ref.OP_VERSION)])
     model.ir_version = IR_VERSION
     return model.SerializeToString()
+
+
+def feeds(case: Case, A: np.ndarray, fed: tuple[str, ...] = ()) -> dict:
+    """Run-time inputs of a :func:`make_model` model: ``A`` and the ``fed`` ones."""
+    out = {"A": A}
+    for key in fed:
+        out[key] = getattr(case, key)
+    return out
 
 
 def session(model: bytes, *, threads: int | None = None):

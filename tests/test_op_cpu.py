@@ -14,6 +14,7 @@ from serq_onnx import reference as ref  # noqa: E402
 
 from op_models import (  # noqa: E402
     codes_case,
+    feeds,
     make_model,
     random_case,
     reference64,
@@ -324,3 +325,80 @@ def test_odd_blocks_match_reference(name, isa):
     A = _activations(lead + (K,), seed=13)
     y = session(make_model(case, [f"d{i}" for i in range(len(lead))] + [K])).run(None, {"A": A})[0]
     _check(case, A, y)
+
+
+# --------------------------------------------------------------------------- weight values
+
+WEIGHTS = ("B", "scales", "wsum")
+
+
+def test_fed_weights_match_constant_weights(isa):
+    """Weights fed at run time take the per-call checks; results equal the constant-weight path."""
+    case = random_case(150, 21, 20, 10, 5, 4, 8, seed=17, act_scale=True, act_perm=np.int32,
+                       bias=True)
+    A = _activations((4, 150), seed=2)
+    y_const = session(make_model(case, ["M", 150])).run(None, {"A": A})[0]
+    fed = WEIGHTS + ("act_scale", "act_perm", "bias")
+    y_fed = session(make_model(case, ["M", 150], fed=fed)).run(None, feeds(case, A, fed))[0]
+    np.testing.assert_array_equal(y_fed, y_const)
+    _check(case, A, y_const)
+
+
+def _tampered(name):
+    case = random_case(96, 12, 16, 32, 16, 4, 8, seed=23, act_perm=np.int64)
+    if name == "wsum_off_by_one":
+        case.wsum = case.wsum.copy()
+        case.wsum[5, 3] += 1
+        return case, r"wsum\[5, 3\] = -?\d+ does not match B: the codes of block 3 \(16 codes\) of column 5"
+    if name == "B_byte_flipped":  # one code changed, wsum left as it was
+        case.B = case.B.copy()
+        case.B[7, 20] ^= 0x10
+        return case, r"wsum\[7, 2\] = -?\d+ does not match B"
+    if name == "perm_duplicate":
+        case.act_perm = case.act_perm.copy()
+        case.act_perm[3] = case.act_perm[4]
+        return case, r"act_perm is not a permutation: \d+ appears twice"
+    case.scales = case.scales.copy()
+    case.scales[2, 1] = {"scale_nan": np.nan, "scale_zero": 0.0, "scale_negative": -0.5,
+                         "scale_inf": np.inf}[name]
+    return case, r"scales\[2, 1\] = \S+: weight scales must be finite and positive"
+
+
+TAMPERED = ["wsum_off_by_one", "B_byte_flipped", "perm_duplicate", "scale_nan", "scale_zero",
+            "scale_negative", "scale_inf"]
+
+
+@pytest.mark.parametrize("name", TAMPERED)
+def test_tampered_constant_weights_fail_session_creation(name):
+    case, pattern = _tampered(name)
+    with pytest.raises(Exception, match=r"SerqMatMul: " + pattern + r".*\(node 'serq_node'\)"):
+        session(make_model(case, ["M", 96]))
+
+
+@pytest.mark.parametrize("name", TAMPERED)
+def test_tampered_fed_weights_fail_each_run(name):
+    case, pattern = _tampered(name)
+    fed = WEIGHTS + ("act_perm",)
+    sess = session(make_model(case, ["M", 96], fed=fed))
+    A = _activations((2, 96), seed=1)
+    for _ in range(2):
+        with pytest.raises(Exception, match=r"serq_node.*SerqMatMul: " + pattern):
+            sess.run(None, feeds(case, A, fed))
+    good = random_case(96, 12, 16, 32, 16, 4, 8, seed=23, act_perm=np.int64)
+    y = sess.run(None, feeds(good, A, fed))[0]
+    _check(good, A, y)
+
+
+def test_reference_rejects_what_the_op_rejects():
+    """wsum, B and act_perm tampering is a ContractError in the reference too. Scale values are
+    not checked there (it computes with them); the op rejects them by the contract's "any
+    positive scale". This pins that difference down: if the reference gains the check, update."""
+    for name in TAMPERED:
+        case, _ = _tampered(name)
+        A = _activations((2, 96), seed=1)
+        if name.startswith("scale_"):
+            with np.errstate(invalid="ignore"):
+                assert reference64(case, A).shape == (2, 12)
+        else:
+            with pytest.raises(ref.ContractError):
+                reference64(case, A)

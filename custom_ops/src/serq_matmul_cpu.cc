@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "quantize_act.h"
+#include "weight_check.h"
 
 namespace serq {
 
@@ -69,10 +70,8 @@ struct TensorView {
   const void* data = nullptr;
 };
 
-TensorView GetInput(const Ort::KernelContext& ctx, size_t n_inputs, size_t index) {
+TensorView ViewOf(const Ort::ConstValue& value, size_t index) {
   TensorView v;
-  if (index >= n_inputs) return v;
-  Ort::ConstValue value = ctx.GetInput(index);
   if (value == nullptr) return v;
   if (!value.IsTensor()) throw OpError("input " + std::to_string(index) + " is not a tensor");
   auto info = value.GetTensorTypeAndShapeInfo();
@@ -83,6 +82,25 @@ TensorView GetInput(const Ort::KernelContext& ctx, size_t n_inputs, size_t index
   return v;
 }
 
+TensorView GetInput(const Ort::KernelContext& ctx, size_t n_inputs, size_t index) {
+  if (index >= n_inputs) return TensorView{};
+  return ViewOf(ctx.GetInput(index), index);
+}
+
+// The input's value when it is a constant initializer, else an absent view.
+TensorView GetConstantInput(const Ort::ConstKernelInfo& info, size_t n_inputs, size_t index) {
+  if (index >= n_inputs) return TensorView{};
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value);
+  if (st) {
+    Ort::GetApi().ReleaseStatus(st);
+    return TensorView{};
+  }
+  if (!is_constant || !value) return TensorView{};
+  return ViewOf(Ort::ConstValue{value}, index);
+}
+
 void CheckTensor(const TensorView& t, const char* name, ONNXTensorElementDataType type,
                  const std::vector<int64_t>& shape, const char* shape_desc) {
   if (t.type != type || t.shape != shape) {
@@ -91,21 +109,38 @@ void CheckTensor(const TensorView& t, const char* name, ONNXTensorElementDataTyp
   }
 }
 
-template <typename Index>
-void CheckedPerm(const Index* p, int64_t K, std::vector<int64_t>& perm) {
-  perm.resize(static_cast<size_t>(K));
-  std::vector<uint8_t> seen(static_cast<size_t>(K), 0);
-  for (int64_t j = 0; j < K; ++j) {
-    const int64_t v = static_cast<int64_t>(p[j]);
-    if (v < 0 || v >= K) {
-      throw OpError("act_perm[" + std::to_string(j) + "] = " + std::to_string(v) + " is outside [0, K=" +
-                    std::to_string(K) + ")");
-    }
-    if (seen[static_cast<size_t>(v)]) {
-      throw OpError("act_perm is not a permutation: " + std::to_string(v) + " appears twice");
-    }
-    seen[static_cast<size_t>(v)] = 1;
-    perm[static_cast<size_t>(j)] = v;
+enum InputIndex : size_t { kA = 0, kB, kScales, kWsum, kActScale, kActPerm, kBias, kNumInputs };
+
+// Type and shape of input `index` (B .. bias), when present.
+void CheckInputShape(const SerqLayout& L, size_t index, const TensorView& t) {
+  if (!t.present) return;
+  const int64_t K = L.a.K, N = L.a.N;
+  switch (index) {
+    case kB:
+      CheckTensor(t, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {N, L.b_row_bytes},
+                  L.a.bits_w == 4 ? "[N, K_ext / 2]" : "[N, K_ext]");
+      break;
+    case kScales:
+      CheckTensor(t, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N, L.n_wgroups}, "[N, K_ext / group_w]");
+      break;
+    case kWsum:
+      CheckTensor(t, "wsum", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N, L.n_blocks}, "[N, K_ext / block]");
+      break;
+    case kActScale:
+      CheckTensor(t, "act_scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {K}, "[K]");
+      break;
+    case kActPerm:
+      if (t.shape != std::vector<int64_t>{K} ||
+          (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)) {
+        throw OpError("act_perm must be int32 or int64 [K] = [" + std::to_string(K) + "], got " + TypeName(t.type) +
+                      " " + ShapeStr(t.shape));
+      }
+      break;
+    case kBias:
+      CheckTensor(t, "bias", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N}, "[N]");
+      break;
+    default:
+      break;
   }
 }
 
@@ -280,6 +315,31 @@ SerqMatMulCpuKernel::SerqMatMulCpuKernel(const OrtKernelInfo* info_ptr) {
   const Isa isa = DetectIsa();
   gemm_ = SelectGemmKernel(L_, isa);
   quant_ = GetQuantSpanKernels(isa);
+
+  // Weight inputs that are constant initializers are checked once, here: a bad model fails when
+  // the session is created, and Compute skips the value checks for them.
+  const size_t n_inputs = info.GetInputCount();
+  if (n_inputs < kActScale) {
+    throw OpError("inputs A, B, scales and wsum are required, the node has " + std::to_string(n_inputs) + " inputs");
+  }
+  TensorView c[kNumInputs];
+  for (size_t i = kB; i < kNumInputs; ++i) {
+    c[i] = GetConstantInput(info, n_inputs, i);
+    CheckInputShape(L_, i, c[i]);
+  }
+  if (c[kScales].present) {
+    CheckScales(L_, static_cast<const float*>(c[kScales].data));
+    validated_[kScales] = c[kScales].data;
+  }
+  if (c[kB].present && c[kWsum].present) {
+    CheckWsum(L_, static_cast<const uint8_t*>(c[kB].data), static_cast<const int32_t*>(c[kWsum].data));
+    validated_[kB] = c[kB].data;
+    validated_[kWsum] = c[kWsum].data;
+  }
+  if (c[kActPerm].present) {
+    const_perm_ = CheckPerm(c[kActPerm].data, c[kActPerm].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, L_.a.K);
+    validated_[kActPerm] = c[kActPerm].data;
+  }
   if (const char* v = std::getenv("SERQ_ONNX_VERBOSE"); v && *v && std::strcmp(v, "0") != 0) {
     std::fprintf(stderr, "SerqMatMul: K=%lld N=%lld rank=%lld block=%lld bits_w=%lld bits_a=%lld: %s kernel\n",
                  static_cast<long long>(a.K), static_cast<long long>(a.N), static_cast<long long>(a.rank),
@@ -312,26 +372,32 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   if (A.shape.back() != K) {
     throw OpError("A's last dimension is " + s(A.shape.back()) + " but attribute K is " + s(K));
   }
+  // Rows: the product of the leading dimensions (0 if any is 0; onnxruntime's tensors fit in
+  // memory, so a non-zero product cannot overflow).
   int64_t M = 1;
-  for (size_t i = 0; i + 1 < A.shape.size(); ++i) M *= A.shape[i];
-
-  CheckTensor(B, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {N, L_.b_row_bytes},
-              L_.a.bits_w == 4 ? "[N, K_ext / 2]" : "[N, K_ext]");
-  CheckTensor(scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N, L_.n_wgroups}, "[N, K_ext / group_w]");
-  CheckTensor(wsum, "wsum", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N, L_.n_blocks}, "[N, K_ext / block]");
-  if (act_scale.present) CheckTensor(act_scale, "act_scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {K}, "[K]");
-  if (bias.present) CheckTensor(bias, "bias", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N}, "[N]");
-  std::vector<int64_t> perm;
-  if (act_perm.present) {
-    if (act_perm.shape != std::vector<int64_t>{K} || (act_perm.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
-                                                      act_perm.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)) {
-      throw OpError("act_perm must be int32 or int64 [K] = [" + s(K) + "], got " + TypeName(act_perm.type) + " " +
-                    ShapeStr(act_perm.shape));
+  for (size_t i = 0; i + 1 < A.shape.size(); ++i) {
+    if (A.shape[i] == 0) {
+      M = 0;
+      break;
     }
-    if (act_perm.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
-      CheckedPerm(static_cast<const int64_t*>(act_perm.data), K, perm);
+  }
+  for (size_t i = 0; M != 0 && i + 1 < A.shape.size(); ++i) M *= A.shape[i];
+
+  const TensorView* views[kNumInputs] = {&A, &B, &scales, &wsum, &act_scale, &act_perm, &bias};
+  for (size_t i = kB; i < kNumInputs; ++i) CheckInputShape(L_, i, *views[i]);
+  // Value checks, unless the same constant data already passed them at kernel creation.
+  if (scales.data != validated_[kScales]) CheckScales(L_, static_cast<const float*>(scales.data));
+  if (B.data != validated_[kB] || wsum.data != validated_[kWsum]) {
+    CheckWsum(L_, static_cast<const uint8_t*>(B.data), static_cast<const int32_t*>(wsum.data));
+  }
+  std::vector<int64_t> perm;
+  const int64_t* pp = nullptr;
+  if (act_perm.present) {
+    if (act_perm.data == validated_[kActPerm]) {
+      pp = const_perm_.data();
     } else {
-      CheckedPerm(static_cast<const int32_t*>(act_perm.data), K, perm);
+      perm = CheckPerm(act_perm.data, act_perm.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, K);
+      pp = perm.data();
     }
   }
 
@@ -344,7 +410,6 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   const auto* sp = static_cast<const float*>(scales.data);
   const auto* wp = static_cast<const int32_t*>(wsum.data);
   const float* asp = act_scale.present ? static_cast<const float*>(act_scale.data) : nullptr;
-  const int64_t* pp = act_perm.present ? perm.data() : nullptr;
   const float* bp = bias.present ? static_cast<const float*>(bias.data) : nullptr;
   if (A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
     RunTyped<float>(ctx, L_, gemm_, quant_, static_cast<const float*>(A.data), M, asp, pp, Bp, sp, wp, bp,

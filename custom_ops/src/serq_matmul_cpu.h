@@ -6,6 +6,9 @@
 #endif
 #include <onnxruntime_cxx_api.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "int_gemm.h"
 #include "serq_layout.h"
 
@@ -13,7 +16,8 @@ namespace serq {
 
 class SerqMatMulCpuKernel {
  public:
-  // Reads and validates the attributes; throws OpError or Ort::Exception.
+  // Reads and validates the attributes, and the weight inputs that are constant initializers;
+  // throws OpError or Ort::Exception.
   explicit SerqMatMulCpuKernel(const OrtKernelInfo* info);
 
   // Never throws: failures come back as an OrtStatus whose message starts with "SerqMatMul: ".
@@ -23,6 +27,11 @@ class SerqMatMulCpuKernel {
 
  private:
   void Compute(OrtKernelContext* context) const;
+
+  // Data of the inputs (by index) that were constant initializers when the kernel was created and
+  // passed the value checks then; nullptr where the check runs on every call instead.
+  const void* validated_[7] = {};
+  std::vector<int64_t> const_perm_;  // act_perm as int64 when validated_[5]
 
   SerqLayout L_;
   GemmKernel gemm_;
