@@ -8,7 +8,7 @@ CACHE  ?= $(CURDIR)/.cache
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
-SOURCES := $(shell find serq_onnx passes custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.h' -o -name '*.txt' -o -name '*.cmake' \)) pyproject.toml CMakeLists.txt
+SOURCES := $(shell find serq_onnx passes kernels custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.h' -o -name '*.txt' -o -name '*.cmake' \)) pyproject.toml CMakeLists.txt
 
 export SERQ_CACHE := $(CACHE)
 
