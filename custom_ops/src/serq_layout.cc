@@ -27,10 +27,15 @@ SerqLayout SerqLayout::FromAttrs(const SerqAttrs& attrs) {
   }
   // Keeps every index in range, and a block's dot - zero * wsum within int32
   // (|.| <= 2 * 255 * 128 * block).
-  constexpr int64_t kMaxK = int64_t{1} << 24;
-  if (a.K > kMaxK || a.N > (int64_t{1} << 31) || a.group_w > (int64_t{1} << 14)) {
-    throw OpError("K (" + s(a.K) + "), N (" + s(a.N) + ") or group_w (" + s(a.group_w) +
-                  ") is too large for this kernel");
+  const struct {
+    const char* name;
+    int64_t value, max;
+  } limits[] = {{"K", a.K, int64_t{1} << 24}, {"N", a.N, int64_t{1} << 31}, {"group_w", a.group_w, int64_t{1} << 14}};
+  for (const auto& lim : limits) {
+    if (lim.value > lim.max) {
+      throw OpError(std::string("attribute ") + lim.name + " = " + s(lim.value) + " is too large for this kernel (at most " +
+                    s(lim.max) + ")");
+    }
   }
 
   SerqLayout L;

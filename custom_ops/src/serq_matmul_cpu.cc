@@ -40,21 +40,41 @@ const char* TypeName(ONNXTensorElementDataType t) {
   }
 }
 
+bool Ok(OrtStatus* st) {
+  if (!st) return true;
+  Ort::GetApi().ReleaseStatus(st);
+  return false;
+}
+
+// What an attribute of the wrong type holds, for the error message ("missing" if nothing).
+std::string AttrKind(const Ort::ConstKernelInfo& info, const char* name) {
+  const OrtApi& api = Ort::GetApi();
+  int64_t i = 0;
+  float f = 0.0f;
+  size_t n = 0;
+  if (Ok(api.KernelInfoGetAttribute_int64(info, name, &i))) return "an integer";
+  if (Ok(api.KernelInfoGetAttribute_float(info, name, &f))) return "a float";
+  if (Ok(api.KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "a string";
+  if (Ok(api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &n))) return "a list of integers";
+  if (Ok(api.KernelInfoGetAttributeArray_float(info, name, nullptr, &n))) return "a list of floats";
+  return "missing";
+}
+
 int64_t RequiredIntAttr(const Ort::ConstKernelInfo& info, const char* name) {
   int64_t v = 0;
-  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    throw OpError(std::string("missing or non-integer attribute '") + name + "'");
+  if (!Ok(Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v))) {
+    const std::string kind = AttrKind(info, name);
+    throw OpError(std::string("missing or non-integer attribute '") + name + "' (" +
+                  (kind == "missing" ? "missing" : "it is " + kind) + ")");
   }
   return v;
 }
 
 std::string OptionalStringAttr(const Ort::ConstKernelInfo& info, const char* name, const std::string& dflt) {
   size_t size = 0;
-  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_string(info, name, nullptr, &size);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
+  if (!Ok(Ort::GetApi().KernelInfoGetAttribute_string(info, name, nullptr, &size))) {
+    const std::string kind = AttrKind(info, name);
+    if (kind != "missing") throw OpError(std::string("attribute '") + name + "' must be a string, it is " + kind);
     return dflt;
   }
   std::string out(size, '\0');
