@@ -143,6 +143,9 @@ def compile_variant(v: Variant, cc: int) -> tuple[bytes, dict[str, Any]]:
     from triton.compiler import ASTSource
 
     fn = _kernel(v.kernel)
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError(f"{v.kernel} is not a JITFunction (TRITON_INTERPRET set?): "
+                           "build in a process without the interpreter")
     names = list(v.signature)
     if names != list(fn.arg_names):
         raise ValueError(f"{v.name}: signature {names} != kernel parameters {fn.arg_names}")
@@ -158,8 +161,10 @@ def compile_variant(v: Variant, cc: int) -> tuple[bytes, dict[str, Any]]:
     ps = int(getattr(md, "profile_scratch_size", 0) or 0)
     if gs or ps:
         raise RuntimeError(f"{v.name} sm_{cc}: needs scratch (global {gs}, profile {ps}) bytes")
+    ptx_target = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M)
     meta = {
         "symbol": md.name,
+        "ptx_target": ptx_target.group(1) if ptx_target else None,
         "num_warps": md.num_warps,
         "threads": md.num_warps * 32,
         "num_ctas": md.num_ctas,
