@@ -18,7 +18,10 @@ from ._base import PlanPass
 
 _ROLE = re.compile(r"(q|k|v|o|gate|up|down)_proj")
 _LAYER = re.compile(r"layers[./](\d+)")
-_NORM_OPS = {"SimplifiedLayerNormalization", "RMSNormalization", "SkipSimplifiedLayerNormalization"}
+# Fused RMSNorms and the input that holds gamma: SkipSimplifiedLayerNormalization takes
+# (input, skip, gamma[, bias]); only its output 0 is the normalized value.
+_NORM_GAMMA = {"SimplifiedLayerNormalization": 1, "RMSNormalization": 1,
+               "SkipSimplifiedLayerNormalization": 2}
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
@@ -48,10 +51,11 @@ def constant_of(value: ir.Value | None) -> ir.Value | None:
     return value
 
 
-def _gamma_index(producer: ir.Node, K: int) -> int | None:
+def _gamma_index(producer: ir.Node, value: ir.Value, K: int) -> int | None:
     """Index of the 1-D ``[K]`` constant input (RMSNorm's gamma) of the norm's last node."""
-    if producer.op_type in _NORM_OPS and producer.domain in ("", "ai.onnx", "com.microsoft"):
-        cand = [1] if len(producer.inputs) > 1 else []
+    if producer.op_type in _NORM_GAMMA and producer.domain in ("", "ai.onnx", "com.microsoft"):
+        i = _NORM_GAMMA[producer.op_type]
+        cand = [i] if len(producer.inputs) > i and value is producer.outputs[0] else []
     elif producer.op_type == "Mul":
         cand = range(len(producer.inputs))
     else:
@@ -113,7 +117,7 @@ class FindTargetsPass(PlanPass):
         consumers = {u.node for u in value.uses() if u.node.op_type not in ("Shape", "Size")}
         only_targets = consumers == {t.node for t in targets}
         if producer is not None and only_targets:
-            index = _gamma_index(producer, K)
+            index = _gamma_index(producer, value, K)
             if index is not None:
                 return InputGroup(value=value, kind="norm", targets=targets, gamma_index=index)
             if producer.op_type == "Mul" and len(producer.inputs) == 2:
@@ -124,4 +128,12 @@ class FindTargetsPass(PlanPass):
                     if up is not None and gate is not None and up.K == gate.K and up.N == K == gate.N:
                         return InputGroup(value=value, kind="mlp_act", targets=targets,
                                           gate=gate, up=up)
-        return InputGroup(value=value, kind="runtime", targets=targets)
+        if producer is None:
+            why = "the input is a graph input"
+        elif not only_targets:
+            others = sorted({n.op_type for n in consumers - {t.node for t in targets}})
+            why = f"the input also feeds {', '.join(others)}, which must see it unscaled"
+        else:
+            why = (f"its producer ({producer.op_type}) is neither an RMSNorm with a constant "
+                   f"[{K}] gamma nor SiLU(gate) * up")
+        return InputGroup(value=value, kind="runtime", targets=targets, runtime_reason=why)

@@ -104,6 +104,9 @@ class FoldFlatteningPass(PlanPass):
             norm.replace_input_with(group.gamma_index, new)
             static_scale = True
             group.folded.append("scale->gamma")
+            if not static_perm:
+                group.runtime_reason = ("permutation: the norm's input is the residual stream, "
+                                        "shared with the rest of the model")
         elif group.kind == "mlp_act" and self._mlp_foldable(group):
             up_w = initializer_array(group.up.weight) * inv[None, :]
             set_initializer(graph, group.up.weight, up_w[:, group.perm])
@@ -111,6 +114,9 @@ class FoldFlatteningPass(PlanPass):
             set_initializer(graph, group.gate.weight, gate_w[:, group.perm])
             static_scale = static_perm = True
             group.folded += ["scale->up", "perm->gate,up"]
+        elif group.kind == "mlp_act":
+            group.runtime_reason = ("SiLU(gate) * up: the gate or up output or weight is also "
+                                    "used elsewhere")
         if static_perm and static_scale:
             return
         x = group.value

@@ -169,9 +169,35 @@ def format_table(results: list[Timing]) -> str:
     return "\n".join(lines)
 
 
+def check_args(ms: list[int], *, threads: int, rank: int, group: int, group_a: int | None,
+               min_seconds: float) -> None:
+    """Refuse settings the kernels would reject, before any work starts."""
+    if group < 16 or group & (group - 1):
+        raise SerqError(f"--group must be a power of two >= 16 (MatMulNBits blocks; SerqMatMul "
+                        f"uses the same weight groups), got {group}")
+    if group_a is not None:
+        try:
+            reference.check_groups(group, group_a)
+        except reference.ContractError as e:
+            raise SerqError(f"--group-a: {e}") from None
+    if rank < 0:
+        raise SerqError(f"--rank must be >= 0, got {rank}")
+    if threads < 0:
+        raise SerqError(f"--threads must be >= 0 (0: onnxruntime's default), got {threads}")
+    if not min_seconds > 0:
+        raise SerqError(f"--seconds must be > 0, got {min_seconds}")
+    if not ms or any(m < 1 for m in ms):
+        raise SerqError(f"--m takes token counts >= 1, got {','.join(map(str, ms))}")
+
+
 def shapes_of_model(path: str | os.PathLike) -> list[tuple[int, int]]:
     """Distinct (K, N) of the float linear layers of an ONNX model."""
-    model = onnx.load(str(path), load_external_data=False)
+    if not os.path.isfile(path):
+        raise SerqError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises several types for a corrupt or truncated file
+        raise SerqError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     shapes = []
     for n in model.graph.node:

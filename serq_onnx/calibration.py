@@ -10,19 +10,24 @@ import numpy as np
 from .errors import SerqError
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The ``tokenizers`` tokenizer saved beside an Optimum export (tokenizer.json)."""
+def load_tokenizer(model_dir: str | os.PathLike, purpose: str = "calibration"):
+    """The ``tokenizers`` tokenizer saved beside an Optimum export (tokenizer.json).
+
+    ``purpose`` names what needs it (``calibration``, ``evaluation``) in the error message."""
     from tokenizers import Tokenizer
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise SerqError(f"no tokenizer.json in {model_dir}: calibration text needs the model's "
+        raise SerqError(f"no tokenizer.json in {model_dir}: {purpose} text needs the model's "
                         "tokenizer beside model.onnx (Optimum's export puts it there)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises its own exception types
+        raise SerqError(f"{path} is not a readable tokenizer ({err})") from None
 
 
 def tokenize_file(model_dir: str | os.PathLike, text_path: str | os.PathLike,
-                  max_tokens: int | None = None) -> np.ndarray:
+                  max_tokens: int | None = None, purpose: str = "calibration") -> np.ndarray:
     """Running text as one token stream (no special tokens)."""
     text_path = Path(text_path)
     if not text_path.is_file():
@@ -33,7 +38,7 @@ def tokenize_file(model_dir: str | os.PathLike, text_path: str | os.PathLike,
         raise SerqError(f"{text_path} is not UTF-8 text") from None
     if max_tokens is not None:
         text = text[: max(max_tokens * 16, 4096)]  # generous: tokens are rarely > 16 chars
-    ids = np.asarray(load_tokenizer(model_dir).encode(text, add_special_tokens=False).ids,
+    ids = np.asarray(load_tokenizer(model_dir, purpose).encode(text, add_special_tokens=False).ids,
                      dtype=np.int64)
     if ids.size == 0:
         raise SerqError(f"{text_path} holds no text")

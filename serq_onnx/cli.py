@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -151,6 +153,10 @@ def _bench(args) -> int:
         raise SerqError("--shape takes KxN (e.g. 576x1536) and --m comma-separated integers")
     if any(len(s) != 2 for s in shapes):
         raise SerqError("--shape takes KxN, e.g. 576x1536")
+    if any(k < 2 or n < 1 for k, n in shapes):
+        raise SerqError("--shape needs K >= 2 and N >= 1")
+    bench.check_args(ms, threads=args.threads, rank=args.rank, group=args.group,
+                     group_a=args.group_a, min_seconds=args.seconds)
     if args.model:
         shapes += bench.shapes_of_model(args.model)
     results = bench.run(shapes or bench.SMOLLM2_SHAPES, ms, threads=args.threads,
@@ -172,13 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup (staging folders) runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except SerqError as err:
         print(f"serq-onnx: error: {err}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("serq-onnx: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("serq-onnx: interrupted", file=sys.stderr)
         return 130
@@ -189,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serq-onnx: internal error: {type(err).__name__}: {first} "
               "(set SERQ_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, compare
+from . import calibration, output_dir, verify as checks
 from .errors import SerqError
-from .modelio import load_model, model_nbytes, save_model
+from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan
 
 CONFIG_FILE = "serq_config.json"
@@ -37,6 +35,9 @@ class ConversionReport:
     calib_source: str
     fold_check: str = ""
     verify: str = ""
+    op_check: str = ""
+    ranks: dict = field(default_factory=dict)  # effective rank -> layers (clamped to K)
+    runtime_transforms: dict = field(default_factory=dict)  # why not folded -> groups
     timings: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -52,7 +53,9 @@ class ConversionReport:
             f"{self.config.get('weight_scale', 'absmax')} scales",
             f"calibration: {self.calib_tokens} tokens from {self.calib_source}",
             f"folds: {', '.join(f'{k} x{v}' for k, v in sorted(self.folds.items())) or 'none'}",
+            *(f"  at run time x{v}: {k}" for k, v in sorted(self.runtime_transforms.items())),
             f"fold check (float graph after folding vs original): {self.fold_check}",
+            f"op check (SerqMatMul vs reference): {self.op_check}",
             f"verify (converted vs float): {self.verify}",
             f"size: {self.bytes_before / mb:.1f} MiB -> {self.bytes_after / mb:.1f} MiB "
             f"({self.bytes_after / max(self.bytes_before, 1):.1%})",
@@ -63,53 +66,6 @@ class ConversionReport:
 
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _model_files(model_path: Path) -> set[Path]:
-    """The model file and its external data files (not copied as 'other files')."""
-    files = {model_path}
-    for p in model_path.parent.iterdir():
-        if p.is_file() and (p.suffix in (".onnx", ".onnx_data") or p.name.endswith(".onnx.data")
-                            or p.name.startswith(model_path.name + "_data")):
-            files.add(p)
-    return files
-
-
-def _prepare_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise SerqError(f"output folder {out_dir} exists and is not empty; choose another "
-                            "or pass --overwrite")
-    if not out_dir.parent.exists():
-        raise SerqError(f"the parent folder of {out_dir} does not exist")
-
-
-def _stage_output(model_path: Path, out_dir: Path, model: ir.Model) -> tuple[Path, Path]:
-    """A temporary folder beside ``out_dir`` with ``model`` saved under the input's file name
-    and every side file of the input folder; ``_commit`` moves it into place."""
-    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        skip = _model_files(model_path)
-        for p in model_path.parent.iterdir():
-            if p.is_file() and p not in skip:
-                shutil.copy2(p, tmp_out / p.name)
-        out_model = tmp_out / model_path.name
-        save_model(model, out_model)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
-    return tmp_out, out_model
-
-
-def _commit(tmp_out: Path, out_dir: Path) -> None:
-    """Move the finished folder into place; the old one is removed only once the new one is in."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-        out_dir.rename(old)
-    tmp_out.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _vocab_size(model: ir.Model) -> int:
@@ -144,23 +100,31 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    model_path, out_dir = Path(model), Path(output)
+    model_path = Path(model)
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha)
+    for flag, v in (("--calib-samples", calib_samples), ("--calib-seqlen", calib_seqlen)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SerqError(f"{flag} must be a whole number >= 1, got {v!r}")
     if not model_path.is_file():
         raise SerqError(f"model file not found: {model_path}")
-    if out_dir.resolve() == model_path.parent.resolve():
-        raise SerqError("the output folder must differ from the model's folder")
-    _prepare_output(out_dir, overwrite)
+    if calib is not None and calib_ids is None and not Path(calib).is_file():
+        raise SerqError(f"calibration text file not found: {calib}")
+    inputs = [model_path] + ([Path(calib)] if calib is not None and calib_ids is None else [])
+    out_dir = output_dir.check_output(output, inputs, overwrite)
 
     ir_model = load_model(model_path)
+    output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     plan = Plan(config)
     passes.FindTargetsPass(plan)(ir_model)
+    ranks = _effective_ranks(plan, log)
 
     if calib_ids is not None:
         sequences, source = [np.asarray(s, np.int64) for s in calib_ids], "given token ids"
+        if not sequences or any(s.ndim != 1 or s.size == 0 for s in sequences):
+            raise SerqError("calib_ids must be a non-empty list of non-empty 1-D token id arrays")
     elif calib is not None:
         ids = calibration.tokenize_file(model_path.parent, calib,
                                         max_tokens=calib_samples * calib_seqlen)
@@ -207,28 +171,30 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     passes.CleanupPass()(ir_model)
     timings["quantization"] = time.perf_counter() - t - timings.get("gptq", 0.0)
 
+    op_check = "skipped (--no-verify)"
+    if verify:
+        t = time.perf_counter()
+        op_check = str(checks.check_ops(ir_model, sequences[0][:checks.OP_CHECK_TOKENS]))
+        timings["op check"] = time.perf_counter() - t
+
     folds: dict[str, int] = {}
+    runtime: dict[str, int] = {}
     for g in plan.groups:
         for f in g.folded or ["run time"]:
             folds[f] = folds.get(f, 0) + 1
+        if g.runtime_reason:
+            runtime[g.runtime_reason] = runtime.get(g.runtime_reason, 0) + 1
     roles: dict[str, int] = {}
     for tg in plan.targets:
         roles[tg.role] = roles.get(tg.role, 0) + 1
 
     t = time.perf_counter()
-    tmp_out, out_model = _stage_output(model_path, out_dir, ir_model)
-    timings["save"] = time.perf_counter() - t
-    try:
-        verify_msg = "skipped"
+    with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
+        timings["save"] = time.perf_counter() - t
+        verify_msg = "skipped (--no-verify)"
         if verify:
             t = time.perf_counter()
-            ref = compare.cpu_session(model_path)
-            got = compare.cpu_session(out_model, with_ops=True)
-            d = compare.diff(np.concatenate([compare.logits(got, s) for s in check_seqs], 1),
-                             np.concatenate([compare.logits(ref, s) for s in check_seqs], 1))
-            if not np.isfinite(d.max_abs):
-                raise SerqError(f"the converted model produces non-finite logits ({d})")
-            verify_msg = str(d)
+            verify_msg = str(checks.check_logits(model_path, out_model, check_seqs, config.scheme))
             timings["verify"] = time.perf_counter() - t
         report = ConversionReport(
             model=str(model_path), output=str(out_dir / model_path.name), config=asdict(config),
@@ -238,11 +204,27 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
                 p.stat().st_size for p in tmp_out.iterdir()
                 if p.is_file() and p.name not in {out_model.name, out_model.name + ".data"}),
             seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
-            verify=verify_msg, timings=timings)
+            verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
+            timings=timings)
         report.seconds = time.perf_counter() - t0
         (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
-        _commit(tmp_out, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
     return report
+
+
+def _effective_ranks(plan: Plan, log) -> dict[str, int]:
+    """Layers per effective rank: ``--rank`` is clamped to each layer's K (a rank of K already
+    corrects every row); a rank no layer can take is a mistake."""
+    asked = plan.config.effective_rank
+    ks = sorted({t.K for t in plan.targets})
+    if asked > ks[-1]:
+        raise SerqError(f"--rank {asked} exceeds the input size K of every linear layer "
+                        f"(largest K: {ks[-1]}); choose a rank <= {ks[-1]}")
+    ranks: dict[str, int] = {}
+    for t in plan.targets:
+        key = str(min(asked, t.K))
+        ranks[key] = ranks.get(key, 0) + 1
+    clamped = [k for k in ks if k < asked]
+    if clamped:
+        log(f"note: --rank {asked} exceeds K of the layers with K = "
+            f"{', '.join(map(str, clamped))}; they use rank K")
+    return ranks

@@ -75,12 +75,21 @@ def open_session(model: SessionLike) -> Any:
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(str(path), load_external_data=False)
-    if any(op.domain == "com.serq" for op in proto.opset_import):
-        from .library import session
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises several types for a corrupt or truncated file
+        raise SerqError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
+    try:
+        if any(op.domain == "com.serq" for op in proto.opset_import):
+            from .library import session
 
-        return session(path)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return session(path)
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except SerqError:
+        raise
+    except Exception as err:  # onnxruntime reports an invalid graph as its own exception
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SerqError(f"onnxruntime cannot load {path}: {first}") from None
 
 
 def causal_lm_spec(session: Any) -> CausalLMSpec:
@@ -155,7 +164,7 @@ def tokenize_text(tokenizer_dir: str | os.PathLike, text_path: str | os.PathLike
     """Token ids (int64) of a UTF-8 text file, without special tokens (running text, no BOS)."""
     from .calibration import tokenize_file
 
-    return tokenize_file(tokenizer_dir, text_path, max_tokens=max_tokens)
+    return tokenize_file(tokenizer_dir, text_path, max_tokens=max_tokens, purpose="evaluation")
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -283,7 +292,7 @@ def last_word_passages(tokenizer_dir: str | os.PathLike, text_path: str | os.Pat
     from .calibration import load_tokenizer
 
     text = _read_text(text_path)
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir, "evaluation")
 
     def encode(s: str) -> list[int]:
         return tok.encode(s, add_special_tokens=False).ids
@@ -510,9 +519,22 @@ def evaluate_model_dir(model_dir: str | os.PathLike, text_path: str | os.PathLik
         raise SerqError(f"no model.onnx in {model_dir}")
     if last_word < 0:
         raise SerqError(f"--last-word must be >= 0 (0 skips it), got {last_word}")
-    if json_path is not None and not Path(json_path).parent.is_dir():
-        raise SerqError(f"the folder of the JSON output {json_path} does not exist; create it "
-                        "or choose another path")
+    if json_path is not None:
+        jp = Path(json_path)
+        if jp.is_dir():
+            raise SerqError(f"--json {json_path} is a folder; name a file, e.g. "
+                            f"{jp / 'eval.json'}")
+        if not jp.parent.is_dir():
+            raise SerqError(f"the folder of the JSON output {json_path} does not exist; create "
+                            "it or choose another path")
+        if not os.access(jp.parent, os.W_OK) or (jp.exists() and not os.access(jp, os.W_OK)):
+            raise SerqError(f"cannot write the JSON output {json_path}")
+    if ctx < 2:
+        raise SerqError(f"--ctx must be >= 2 (a window needs a token to predict), got {ctx}")
+    if max_tokens is not None and max_tokens < 2:
+        raise SerqError(f"--max-tokens must be >= 2, got {max_tokens}")
+    if last_word and last_word_context < 1:
+        raise SerqError(f"--last-word-context must be >= 1, got {last_word_context}")
     ids = tokenize_text(model.parent, text_path, max_tokens=max_tokens)
     passages = (last_word_passages(model.parent, text_path, n=last_word,
                                    context_tokens=last_word_context) if last_word else [])

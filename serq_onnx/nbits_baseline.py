@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import onnx_ir as ir
 
-from .converter import _commit, _prepare_output, _stage_output
+from . import output_dir
 from .errors import SerqError
 from .modelio import load_model
 from .plan import ConvertConfig, Plan
@@ -62,9 +61,7 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
                         f"got {block_size}")
     if accuracy_level is not None and accuracy_level not in _ACCURACY_LEVELS:
         raise SerqError(f"--accuracy-level must be 0..4, got {accuracy_level}")
-    if out_dir.resolve() == model_path.parent.resolve():
-        raise SerqError("the output folder must differ from the model's folder")
-    _prepare_output(out_dir, overwrite)
+    out_dir = output_dir.check_output(out_dir, [model_path], overwrite)
     try:
         import onnxruntime
         from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -82,6 +79,7 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
     from serq_onnx import passes
 
     model = load_model(model_path)
+    output_dir.check_output(out_dir, output_dir.external_data_files(model), overwrite)
     plan = Plan(ConvertConfig())
     passes.FindTargetsPass(plan)(model)
     targets = {t.node for t in plan.targets}
@@ -112,8 +110,7 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
                         "not handle, so this baseline cannot be built for this model")
     quantized_model = ir.serde.deserialize_model(out_proto)
 
-    tmp_out, out_model = _stage_output(model_path, out_dir, quantized_model)
-    try:
+    with output_dir.staged(model_path, out_dir, quantized_model) as (tmp_out, out_model):
         record = {"model": str(model_path), "output": str(out_dir / model_path.name),
                   "quantizer": "onnxruntime MatMulNBitsQuantizer, DefaultWeightOnlyQuantConfig "
                                "(round to nearest)",
@@ -122,8 +119,4 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
                   "layers_quantized": quantized, "matmuls_kept_float": exclude,
                   "seconds": time.perf_counter() - t0}
         (tmp_out / NBITS_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _commit(tmp_out, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
     return out_dir / model_path.name

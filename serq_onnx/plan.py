@@ -147,6 +147,7 @@ class InputGroup:
     s: np.ndarray | None = None
     perm: np.ndarray | None = None
     folded: list[str] = field(default_factory=list)  # what was folded statically, for reports
+    runtime_reason: str = ""  # why what is not folded is applied by the op at run time
 
     @property
     def K(self) -> int:
