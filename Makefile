@@ -41,3 +41,39 @@ demo: setup
 
 clean:
 	rm -rf build $(VENV)
+
+# make sanitize: the op library built with AddressSanitizer + UndefinedBehaviorSanitizer into
+# build/sanitize, and the op tests (fuzz, malformed models, concurrency, CPU kernel) run against it.
+# python is not instrumented: libasan (and libstdc++, so that ASan finds __cxa_throw) are preloaded.
+# Sanitizer reports land in build/sanitize/reports and fail the target.
+# make fuzz: a long fuzz run with new examples (FUZZ_SEED, printed, reproduces it).
+SAN_DIR := build/sanitize
+SAN_LIB := $(CURDIR)/$(SAN_DIR)/custom_ops/libserq_onnx_ops.so
+SAN_TESTS := tests/test_op_fuzz.py tests/test_op_malformed.py tests/test_op_concurrency.py tests/test_op_cpu.py
+SAN_FUZZ_EXAMPLES ?= 300
+FUZZ_EXAMPLES ?= 5000
+FUZZ_MUTATIONS ?= 2000
+ifndef FUZZ_SEED
+FUZZ_SEED := $(shell date +%s)
+endif
+
+.PHONY: sanitize fuzz
+
+sanitize: setup
+	$(BIN)/cmake -S . -B $(SAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(BIN)/ninja \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSERQ_SANITIZE=ON -DORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)"
+	$(BIN)/cmake --build $(SAN_DIR)
+	rm -rf $(SAN_DIR)/reports && mkdir -p $(SAN_DIR)/reports
+	SERQ_ONNX_LIBRARY=$(SAN_LIB) SERQ_FUZZ_EXAMPLES=$(SAN_FUZZ_EXAMPLES) SERQ_FUZZ_REPORT=$(SAN_DIR)/fuzz.json \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(CURDIR)/$(SAN_DIR)/reports/asan \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(SAN_DIR)/reports/ubsan \
+	$(BIN)/pytest -q -rs -p no:cacheprovider $(SAN_TESTS); status=$$?; \
+	if ls $(SAN_DIR)/reports/* >/dev/null 2>&1; then cat $(SAN_DIR)/reports/*; \
+	  echo "sanitize: sanitizer reports in $(SAN_DIR)/reports"; exit 1; fi; \
+	echo "sanitize: no sanitizer reports (pytest status $$status)"; exit $$status
+
+fuzz: setup
+	@echo "fuzz: $(FUZZ_EXAMPLES) examples, $(FUZZ_MUTATIONS) mutations, seed $(FUZZ_SEED) (rerun: make fuzz FUZZ_SEED=$(FUZZ_SEED))"
+	SERQ_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SERQ_FUZZ_SEED=$(FUZZ_SEED) SERQ_MALFORMED_MUTATIONS=$(FUZZ_MUTATIONS) \
+	  $(BIN)/pytest -q -rs tests/test_op_fuzz.py tests/test_op_malformed.py

@@ -8,12 +8,14 @@ result the reference must accept the inputs and agree with it (op_models.check_c
 
 ``python op_malformed_cases.py NAME...`` prints one JSON line per case: ``{"start": name}``
 before it runs, then its outcome, so the parent (test_op_malformed.py) can tell which case
-killed the process if one does.
+killed the process if one does. ``SERQ_MALFORMED_MUTATIONS=N`` sets the number of mutation
+cases (200).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -231,7 +233,7 @@ CASES: dict[str, Callable[[], Malformed]] = {
 OP_ONLY_RULES = r"weight scales must be finite and positive|is too large for this kernel"
 _INTS = [-(2**63), -(2**31), -8, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 31, 32, 33, 64, 96, 97,
          128, 2**14, 2**14 + 2, 2**24, 2**31, 2**40, 2**62, 2**63 - 1]
-MUTATIONS = 200
+MUTATIONS = int(os.environ.get("SERQ_MALFORMED_MUTATIONS") or 200)
 
 
 def _mutated(index: int) -> Malformed:
@@ -358,8 +360,6 @@ def run_case(name: str) -> dict:
 
 
 def main(names: list[str]) -> None:
-    import os
-
     crash = os.environ.get("SERQ_MALFORMED_ABORT_AT")  # tests the parent's crash handling
     for name in names:
         print(json.dumps({"start": name}), flush=True)
