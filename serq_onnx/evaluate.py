@@ -535,10 +535,10 @@ def evaluate_model_dir(model_dir: str | os.PathLike, text_path: str | os.PathLik
         raise SerqError(f"--max-tokens must be >= 2, got {max_tokens}")
     if last_word and last_word_context < 1:
         raise SerqError(f"--last-word-context must be >= 1, got {last_word_context}")
+    sess = open_session(model)  # a broken model fails before any text is read
     ids = tokenize_text(model.parent, text_path, max_tokens=max_tokens)
     passages = (last_word_passages(model.parent, text_path, n=last_word,
                                    context_tokens=last_word_context) if last_word else [])
-    sess = open_session(model)
     ppl = perplexity(sess, ids, ctx=ctx, progress=progress)
     lw = last_word_accuracy(sess, passages, progress=progress) if passages else None
     report = EvalReport(model=str(model), text=str(text_path),

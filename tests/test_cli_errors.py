@@ -87,3 +87,97 @@ def test_cli_converts_and_reports(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "converted 14 linear layers" in proc.stdout
     assert (out / "model.onnx").is_file()
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serq-onnx: error:"), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--calib-seqlen", "0"], ("--calib-seqlen", ">= 1")),
+    (["--calib-seqlen", "-5"], ("--calib-seqlen",)),
+    (["--calib-samples", "0"], ("--calib-samples",)),
+    (["--rank", "-1"], ("--rank",)),
+    (["--rank", "100000"], ("--rank 100000 exceeds",)),
+])
+def test_convert_argument_errors(tiny_llama, tmp_path, flags, words):
+    out = tmp_path / "out"
+    proc = _cli("convert", str(tiny_llama.onnx_path), "-o", str(out), "-q", *flags)
+    _one_error_line(proc, *words)
+    assert not out.exists()
+
+
+def _garbage_model(tmp_path, kind):
+    path = tmp_path / "model.onnx"
+    if kind == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(2048))
+    return path
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--rank", "-1"], ("--rank",)),
+    (["--group", "0"], ("--group", "power of two")),
+    (["--group", "7"], ("--group",)),
+    (["--group-a", "3"], ("--group-a",)),
+    (["--group-a", "-2"], ("--group-a",)),
+    (["--threads", "-1"], ("--threads",)),
+    (["--m", "0"], ("--m",)),
+    (["--m", "x"], ("--m",)),
+    (["--seconds", "0"], ("--seconds",)),
+    (["--shape", "1x5"], ("--shape",)),
+])
+def test_bench_argument_errors(flags, words):
+    _one_error_line(_cli("bench", "-q", "--shape", "64x32", "--m", "1", *flags), *words)
+
+
+def test_bench_model_errors(tiny_llama, tmp_path):
+    _one_error_line(_cli("bench", "-q", "--model", str(tmp_path / "none.onnx")), "not found")
+    _one_error_line(_cli("bench", "-q", "--model", str(_garbage_model(tmp_path, "garbage"))),
+                    "not a readable ONNX model")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(tiny_llama.onnx_path.read_bytes()[:5000])
+    _one_error_line(_cli("bench", "-q", "--model", str(truncated)), "not a readable ONNX model")
+
+
+@pytest.fixture
+def eval_text(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession "
+                    "of a good fortune, must be in want of a wife. " * 20)
+    return text
+
+
+def test_eval_corrupt_model(tiny_llama, tmp_path, eval_text):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((tiny_llama.onnx_path.parent / "tokenizer.json")
+                                            .read_bytes())
+    (folder / "model.onnx").write_bytes(np.random.default_rng(1).bytes(4096))
+    _one_error_line(_cli("eval", str(folder), "--text", str(eval_text), "-q"),
+                    "not a readable ONNX model")
+
+
+def test_eval_json_naming_a_folder_fails_before_the_run(tiny_llama, tmp_path, eval_text):
+    proc = _cli("eval", str(tiny_llama.onnx_path.parent), "--text", str(eval_text), "-q",
+                "--json", str(tmp_path))
+    _one_error_line(proc, "--json", "is a folder")
+    assert "perplexity" not in proc.stdout
+
+
+def test_eval_without_tokenizer_names_evaluation(tiny_llama, tmp_path, eval_text):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(tiny_llama.onnx_path.read_bytes())
+    _one_error_line(_cli("eval", str(folder), "--text", str(eval_text), "-q"),
+                    "no tokenizer.json", "evaluation text")
+
+
+@pytest.mark.parametrize("flags,words", [(["--ctx", "1"], ("--ctx",)),
+                                         (["--max-tokens", "0"], ("--max-tokens",))])
+def test_eval_argument_errors(tiny_llama, eval_text, flags, words):
+    _one_error_line(_cli("eval", str(tiny_llama.onnx_path.parent), "--text", str(eval_text),
+                         "-q", *flags), *words)
