@@ -500,7 +500,14 @@ class EvalReport:
         return out
 
     def write_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Written beside ``path`` and renamed into place: never a half-written file."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def evaluate_model_dir(model_dir: str | os.PathLike, text_path: str | os.PathLike, *,
