@@ -58,7 +58,7 @@ def sass_arch(text: str) -> str | None:
 def mma_instructions(text: str) -> Counter:
     """Counts of tensor-core opcodes (with their shape/type suffixes) in SASS text."""
     ops = "|".join(MMA_OPS)
-    return Counter(re.findall(rf"\b((?:{ops})(?:\.[A-Z0-9]+)*)\b", text))
+    return Counter(re.findall(rf"\b((?:{ops})(?:\.[A-Za-z0-9]+)*)\b", text))
 
 
 def res_usage(cubin: Path) -> dict[str, dict[str, int]]:

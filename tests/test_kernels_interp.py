@@ -8,12 +8,19 @@ float64 reference (see :func:`_tolerance`).
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (first import below)
+# Before Triton is first imported: its standard library (tl.max, ...) and the kernels are
+# decorated for the interpreter only if the variable is set when they are defined.
+_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+if _TRITON_PRELOADED:
+    pytest.skip("triton was imported before TRITON_INTERPRET was set; run this file alone",
+                allow_module_level=True)
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
