@@ -471,16 +471,19 @@ OrtStatusPtr CreateSerqMatMulCpuKernel(const OrtKernelInfo* info, void** op_kern
   try {
     *op_kernel = new SerqMatMulCpuKernel(info);
     return nullptr;
-  } catch (const OpError& e) {
-    // Name the node: a model holds one SerqMatMul per linear layer.
-    std::string msg = e.what();
-    try {
-      msg += " (node '" + Ort::ConstKernelInfo{info}.GetNodeName() + "')";
-    } catch (...) {
-    }
-    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
   } catch (...) {
-    return StatusFromCurrentException("creating the kernel");
+    // Name the node: a model holds one SerqMatMul per linear layer.
+    OrtStatus* st = StatusFromCurrentException("creating the kernel");
+    const OrtApi& api = Ort::GetApi();
+    try {
+      const std::string msg =
+          std::string(api.GetErrorMessage(st)) + " (node '" + Ort::ConstKernelInfo{info}.GetNodeName() + "')";
+      OrtStatus* named = api.CreateStatus(api.GetErrorCode(st), msg.c_str());
+      api.ReleaseStatus(st);
+      return named;
+    } catch (...) {
+      return st;
+    }
   }
 }
 
