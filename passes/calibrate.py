@@ -42,7 +42,7 @@ def _abssum_nodes(absv: ir.Value, K: int, prefix: str, opset: int, axes: ir.Valu
                   ) -> tuple[list[ir.Node], ir.Value]:
     """``ReduceSum(|x|, axis 0)`` of the flattened ``[T, K]`` input."""
     out = ir.Value(name=f"{prefix}/abssum", shape=ir.Shape([K]),
-                   type=ir.TensorType(absv.dtype or ir.DataType.FLOAT))
+                   type=ir.TensorType(ir.DataType.FLOAT))
     if opset >= 13:
         node = ir.node("ReduceSum", [absv, axes], attributes={"keepdims": 0},
                        name=f"{prefix}/ReduceSum", outputs=[out])
@@ -56,12 +56,15 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
                 abssum: bool = False) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
     prefix = f"serq_calib/{index}"
     shape = ir.Value(name=f"{prefix}/shape", const_value=ir.tensor(np.array([-1, K], np.int64)))
-    flat = ir.node("Reshape", [value, shape], name=f"{prefix}/Reshape",
-                   outputs=[ir.Value(name=f"{prefix}/flat")])
+    reshape = ir.node("Reshape", [value, shape], name=f"{prefix}/Reshape",
+                      outputs=[ir.Value(name=f"{prefix}/flat16")])
+    # Statistics in float32 whatever the model's dtype: an FP16 Gram matrix or sum overflows.
+    flat = ir.node("Cast", [reshape.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                   name=f"{prefix}/Cast", outputs=[ir.Value(name=f"{prefix}/flat")])
     absv = ir.node("Abs", [flat.outputs[0]], name=f"{prefix}/Abs",
                    outputs=[ir.Value(name=f"{prefix}/abs")])
     out = ir.Value(name=f"{prefix}/absmax", shape=ir.Shape([K]),
-                   type=ir.TensorType(value.dtype or ir.DataType.FLOAT))
+                   type=ir.TensorType(ir.DataType.FLOAT))
     if opset >= 18:
         axes = ir.Value(name=f"{prefix}/axes", const_value=ir.tensor(np.array([0], np.int64)))
         red = ir.node("ReduceMax", [absv.outputs[0], axes], attributes={"keepdims": 0},
@@ -71,7 +74,7 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
         red = ir.node("ReduceMax", [absv.outputs[0]], attributes={"keepdims": 0, "axes": [0]},
                       name=f"{prefix}/ReduceMax", outputs=[out])
         inits = [shape]
-    nodes, outs = [flat, absv, red], [out]
+    nodes, outs = [reshape, flat, absv, red], [out]
     if abssum:
         sum_axes = None
         if opset >= 13:

@@ -23,6 +23,7 @@ _LAYER = re.compile(r"layers[./](\d+)")
 _NORM_GAMMA = {"SimplifiedLayerNormalization": 1, "RMSNormalization": 1,
                "SkipSimplifiedLayerNormalization": 2}
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+_SUPPORTED = {ir.DataType.FLOAT, ir.DataType.FLOAT16}  # SerqMatMul's A: float32 or float16
 
 
 def _is_weight(value: ir.Value | None) -> bool:
@@ -92,9 +93,10 @@ class FindTargetsPass(PlanPass):
                 continue
             if not _is_weight(node.inputs[1]) or node.outputs[0] in outputs:
                 continue
-            if node.inputs[1].const_value.dtype != ir.DataType.FLOAT:
-                raise SerqError(f"{node.name}: only float32 models are supported; export with "
-                                "float32 weights (Optimum's default --dtype fp32)")
+            if node.inputs[1].const_value.dtype not in _SUPPORTED:
+                raise SerqError(f"{node.name}: {node.inputs[1].const_value.dtype.name} weights "
+                                "are not supported; export with float32 (Optimum's default) or "
+                                "float16 (--dtype fp16) weights")
             K, N = (int(d) for d in node.inputs[1].const_value.shape)
             label, role, layer = _label(node, i)
             by_input.setdefault(node.inputs[0], []).append(

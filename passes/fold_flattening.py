@@ -131,8 +131,11 @@ class FoldFlatteningPass(PlanPass):
             new_nodes.append(node)
             x = node.outputs[0]
         if not static_scale:
+            # In the activations' dtype (the weights'), so the float graph stays valid;
+            # ReplaceMatMulPass hands it to the op as float32.
+            dtype = initializer_array(group.targets[0].weight).dtype
             sc = ir.Value(name=f"serq/{group.name}/act_scale",
-                          const_value=ir.tensor(inv[group.perm]))
+                          const_value=ir.tensor(inv[group.perm].astype(dtype)))
             graph.register_initializer(sc)
             node = ir.node("Mul", [x, sc], name=f"serq/{group.name}/Mul",
                            outputs=[ir.Value(name=f"serq/{group.name}/scaled")])

@@ -24,5 +24,6 @@ class PermuteWeightsPass(PlanPass):
                     raise SerqError(f"{t.name}: its weight is shared with other nodes; "
                                     "serq-onnx needs one weight per linear layer")
                 w = initializer_array(t.weight).astype(np.float32)
-                set_initializer(model.graph, t.weight, (group.s[:, None] * w)[group.perm])
+                t.w_hat = np.ascontiguousarray((group.s[:, None] * w)[group.perm])
+                set_initializer(model.graph, t.weight, t.w_hat)
         return ir.passes.PassResult(model, modified=True)

@@ -7,6 +7,7 @@ the permutation and scaling fuse into activation quantization instead of running
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from serq_onnx import reference
@@ -15,11 +16,19 @@ from ._base import PlanPass
 from .fold_flattening import RUNTIME_KEY
 
 
-def _absorb(x: ir.Value, kind: str) -> tuple[ir.Value, ir.Value | None]:
+def _absorb(graph: ir.Graph, x: ir.Value, kind: str) -> tuple[ir.Value, ir.Value | None]:
     p = x.producer()
-    if p is not None and p.metadata_props.get(RUNTIME_KEY) == kind:
-        return p.inputs[0], p.inputs[1]
-    return x, None
+    if p is None or p.metadata_props.get(RUNTIME_KEY) != kind:
+        return x, None
+    const = p.inputs[1]
+    if kind == "scale" and const.const_value.dtype != ir.DataType.FLOAT:
+        # The op takes act_scale in float32; an FP16 graph carried it in FP16.
+        f32 = ir.Value(name=f"{const.name}.f32",
+                       const_value=ir.tensor(const.const_value.numpy().astype(np.float32)))
+        if f32.name not in graph.initializers:
+            graph.register_initializer(f32)
+        const = graph.initializers[f32.name]
+    return p.inputs[0], const
 
 
 class ReplaceMatMulPass(PlanPass):
@@ -27,8 +36,8 @@ class ReplaceMatMulPass(PlanPass):
         graph = model.graph
         scheme = "int"
         for t in self.plan.targets:
-            x, act_scale = _absorb(t.node.inputs[0], "scale")
-            x, act_perm = _absorb(x, "perm")
+            x, act_scale = _absorb(graph, t.node.inputs[0], "scale")
+            x, act_perm = _absorb(graph, x, "perm")
             w = t.weights
             prefix = t.weight.name or t.name
             inits = []

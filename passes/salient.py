@@ -10,7 +10,6 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from serq_onnx import reference
-from serq_onnx.plan import initializer_array
 
 from ._base import PlanPass
 
@@ -21,5 +20,6 @@ class SalientReconstructionPass(PlanPass):
         for t in self.plan.targets:
             rank = min(cfg.effective_rank, t.K)
             t.r_codes, t.r_scale, t.residual = reference.salient_split(
-                initializer_array(t.weight), rank, cfg.bits_w)
+                t.weight_f32(), rank, cfg.bits_w)
+            t.w_hat = None
         return ir.passes.PassResult(model, modified=False)

@@ -119,11 +119,18 @@ class Target:
     r_codes: np.ndarray | None = None
     r_scale: np.ndarray | None = None
     residual: np.ndarray | None = None
+    w_hat: np.ndarray | None = None  # float32 flattened, permuted weight (the graph may hold FP16)
     lowrank: tuple[np.ndarray, np.ndarray] | None = None  # l2qer: float A [K, r], B [r, N]
 
     @property
     def weight(self) -> ir.Value:
         return self.node.inputs[1]
+
+    def weight_f32(self) -> np.ndarray:
+        """The weight the quantizers start from, in float32."""
+        if self.w_hat is not None:
+            return self.w_hat
+        return initializer_array(self.weight).astype(np.float32)
 
 
 @dataclass(eq=False)
@@ -175,7 +182,15 @@ def initializer_array(value: ir.Value) -> np.ndarray:
 
 
 def set_initializer(graph: ir.Graph, value: ir.Value, array: np.ndarray) -> None:
-    """Replace ``value``'s data in place (keeps its name and every use)."""
+    """Replace ``value``'s data in place (keeps its name, every use and its float dtype, so an
+    FP16 graph stays an FP16 graph)."""
+    old = value.const_value.numpy().dtype if value.const_value is not None else None
+    if old is not None and old != array.dtype and np.issubdtype(old, np.floating):
+        cast = array.astype(old)
+        if not np.isfinite(cast).all() and np.isfinite(array).all():
+            raise SerqError(f"{value.name}: the flattened weight overflows {old} (largest "
+                            f"|w| {float(np.abs(array).max()):.3g}); convert the float32 export")
+        array = cast
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)

@@ -57,10 +57,12 @@ class OpCheck:
     nodes: int
     worst_ratio: float  # max |op - reference| / tolerance over all nodes and outputs
     worst_node: str
+    dtypes: tuple[str, ...] = ()  # the activation dtypes the nodes saw
 
     def __str__(self) -> str:
-        return (f"{self.nodes} SerqMatMul nodes equal the reference "
-                f"(worst error {self.worst_ratio:.2g} of the tolerance, {self.worst_node})")
+        return (f"{self.nodes} SerqMatMul nodes equal the reference on {'/'.join(self.dtypes)} "
+                f"activations (worst error {self.worst_ratio:.2g} of the tolerance, "
+                f"{self.worst_node})")
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -122,7 +124,7 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
         for v in added:
             graph.outputs.remove(v)
 
-    worst, worst_node = 0.0, ""
+    worst, worst_node, dtypes = 0.0, "", set()
     for n in nodes:
         attrs = {k: (a.as_string() if k == "scheme" else a.as_int()) for k, a in n.attributes.items()}
         L = reference.Layout(K=attrs["K"], N=attrs["N"], rank=attrs["rank"],
@@ -131,6 +133,7 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
         ins = list(n.inputs) + [None] * (7 - len(n.inputs))
         B, scales, wsum, act_scale, act_perm, bias = (_const(v) for v in ins[1:7])
         A, Y = values[n.inputs[0].name], values[n.outputs[0].name]
+        dtypes.add(str(A.dtype))
         exact = reference.serq_matmul(A.astype(np.float64), B, scales, wsum, act_scale, act_perm,
                                       bias, **L.attributes(attrs.get("scheme", "int")))
         tol = op_tolerance(A, B, scales, act_scale, act_perm, L, Y.dtype)
@@ -148,7 +151,8 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
                             f"{L.group_w}, group_a={L.group_a}, bits_a={L.bits_a}): the op library "
                             "computes wrong results for this layout; please report it "
                             "(--no-verify writes the model anyway)")
-    return OpCheck(nodes=len(nodes), worst_ratio=worst, worst_node=worst_node)
+    return OpCheck(nodes=len(nodes), worst_ratio=worst, worst_node=worst_node,
+                   dtypes=tuple(sorted(dtypes)))
 
 
 def check_logits(float_model: str | os.PathLike, converted: str | os.PathLike,

@@ -22,14 +22,15 @@ class TinyModel:
         return json.loads((self.hf_dir / "config.json").read_text())
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **overrides: Any) -> TinyModel:
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str, dtype: str = "fp32",
+           **overrides: Any) -> TinyModel:
     pytest.importorskip("torch")
     pytest.importorskip("optimum.exporters.onnx")
     from serq_onnx.export import export_causal_lm, make_tiny_llama
 
     root = tmp_path_factory.mktemp(name)
     hf_dir = make_tiny_llama(root / "hf", seed=0, **overrides)
-    return TinyModel(hf_dir=hf_dir, onnx_path=export_causal_lm(hf_dir, root / "onnx"))
+    return TinyModel(hf_dir=hf_dir, onnx_path=export_causal_lm(hf_dir, root / "onnx", dtype=dtype))
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,9 @@ def tiny_llama_odd(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """Sizes that are multiples of no quantization group: hidden 96 (head_dim 24), inter 200."""
     return _build(tmp_path_factory, "tiny_llama_odd", hidden_size=96, intermediate_size=200,
                   num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_fp16(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """``tiny_llama``'s weights, exported by Optimum with ``--dtype fp16`` (the usual GPU export)."""
+    return _build(tmp_path_factory, "tiny_llama_fp16", dtype="fp16")

@@ -289,12 +289,19 @@ def test_dynamic_weight_is_not_a_target():
     assert [t.node.inputs[1].name for t in plan.targets] == ["W"]
 
 
-def test_float16_weights_are_refused_with_a_hint():
+def test_float16_weights_are_targets_and_bfloat16_is_refused():
     text = HEADER + f"""
     g (float16[2, {K}] x) => (float16[2, {N}] y) {{
       h = MatMul(x, W)
       y = Relu(h)
     }}"""
-    model = _model(text, W=np.ones((K, N), np.float16))
-    with pytest.raises(SerqError, match="float32"):
+    plan = _find(_model(text, W=np.ones((K, N), np.float16)))
+    assert [t.node.inputs[1].name for t in plan.targets] == ["W"]
+    import ml_dtypes
+
+    model = _model(text.replace("float16", "bfloat16"))
+    w = ir.Value(name="W", const_value=ir.tensor(np.ones((K, N), ml_dtypes.bfloat16)))
+    model.graph.register_initializer(w)
+    model.graph[0].replace_input_with(1, w)
+    with pytest.raises(SerqError, match="BFLOAT16 weights are not supported"):
         _find(model)
