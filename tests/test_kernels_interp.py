@@ -24,7 +24,8 @@ if _TRITON_PRELOADED:
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from op_models import abs_terms, random_case, reference64  # noqa: E402
+from kernel_tolerance import INTERPRETER_HALF_ULP, MAX_SPLIT, check  # noqa: E402
+from op_models import random_case  # noqa: E402
 
 from serq_onnx import reference as ref  # noqa: E402
 from serq_onnx.kernels import configs, launch  # noqa: E402
@@ -131,34 +132,10 @@ def test_quant_ties_really_exercised():
 # ----------------------------------------------------------------------------- GEMM
 
 
-def _tolerance(kl: KernelLayout, case, A, y_dtype, n_split=1):
-    """|kernel - exact| bound from float32 arithmetic. Fast path: per unit, sa*sw, the int ->
-    float conversion and the product round once each (the integer sum is exact), then one
-    rounding per unit added (n_units + n_split + 5 roundings of at most u = 2^-24 of the absolute
-    terms). Generic path: every extended row is a float32 term, so K_ext + 5. Float16 / bfloat16
-    outputs add half an ulp (2^-11 / 2^-8 relative) on the GPU's round-to-nearest conversion; the
-    interpreter's float32 -> bfloat16 conversion does not round to nearest, so bfloat16 gets a
-    whole ulp (2^-7) here."""
-    u = 2.0**-24
-    n = (kl.n_units + n_split + 5) if kl.path == "fast" else (kl.layout.K_ext + 5)
-    tol = n * u * abs_terms(case, A)
-    if case.bias is not None:
-        tol = tol + u * np.abs(case.bias.astype(np.float64))
-    rel = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}[y_dtype]
-    exact = np.nan_to_num(reference64(case, A))
-    return tol * (2 if rel else 1) + rel * np.abs(exact) + 2.0**-24 * rel + 1e-30
-
-
-def _check(case, A, y, y_dtype, n_split=1):
-    kl = KernelLayout(case.layout)
-    exact = reference64(case, A)
-    assert y.dtype == y_dtype and tuple(y.shape) == exact.shape
-    y = y.float().numpy().astype(np.float64)
-    nan = np.isnan(exact)
-    np.testing.assert_array_equal(np.isnan(y), nan)
-    err = np.abs(y - exact)[~nan]
-    tol = _tolerance(kl, case, A, y_dtype, n_split)[~nan]
-    assert (err <= tol).all(), f"max err {err.max():.3g}, worst err/tol {(err / tol).max():.3g}"
+def _check(case, A, y, y_dtype, n_split=MAX_SPLIT):
+    assert y.dtype == y_dtype
+    check(case, A, y.float().numpy(), str(y_dtype).removeprefix("torch."), n_split,
+          INTERPRETER_HALF_ULP)
 
 
 # K, N, rank, group_w, group_a, bits_w, bits_a, M
