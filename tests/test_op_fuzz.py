@@ -30,7 +30,7 @@ from op_fuzz_cases import FuzzCase, fuzz_cases  # noqa: E402
 from op_isa import cpu_isas, expected_kernel, session_with_isa  # noqa: E402
 from op_models import check_close, feeds, make_model, session  # noqa: E402
 
-EXAMPLES = int(os.environ.get("SERQ_FUZZ_EXAMPLES") or 150)
+EXAMPLES = int(os.environ.get("SERQ_FUZZ_EXAMPLES") or 300)
 SEED = os.environ.get("SERQ_FUZZ_SEED")
 ISAS = cpu_isas()
 
