@@ -1,22 +1,37 @@
 """Ahead-of-time build: every kernel variant compiled to cubins for sm_80/89/90, plus a manifest.
 
-``python -m serq_onnx.kernels.aot --out DIR [--arch 80,89,90] [--only REGEX]`` writes
-``DIR/sm_<cc>/<variant>.cubin`` and ``DIR/manifest.json``. No GPU is needed (Triton compiles
-for a ``GPUTarget``; its bundled ``ptxas`` assembles).
+``python -m serq_onnx.kernels.aot --out DIR [--arch 80,89,90] [--only REGEX]`` (from an
+installed package; from a source tree ``python -m kernels.aot``) writes
+``DIR/sm_<cc>/<variant>.cubin`` and ``DIR/manifest.json``. No GPU is needed: Triton compiles
+for a ``GPUTarget`` and its bundled ``ptxas`` assembles. sm_90 code is ``sm_90a`` (wgmma), which
+loads on compute capability 9.0 only. Line info is left out (a third of the size).
 
-The manifest is what the C++ launcher follows (see :data:`MANIFEST_VERSION`): per variant and
-arch the cubin file, the entry symbol (``cuModuleGetFunction``), the kernel arguments in
-``cuLaunchKernel`` order -- the non-constexpr parameters as declared, then the two trailing
-pointers every Triton 3.x kernel takes (``global_scratch``, ``profile_scratch``; pass 0 when
-the manifest gives their sizes as 0, which the build checks) --, the arguments assumed 16-byte
-aligned / divisible by 16, ``num_warps`` (block = 32 * num_warps threads), the dynamic shared
-memory bytes (set ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` when above 48 KiB), and
-the grid rule.
+``manifest.json`` (version :data:`MANIFEST_VERSION`), what the C++ launcher follows:
+
+* ``kernels``: one entry per (variant, arch): ``name``, ``arch`` (cc, e.g. 89), ``cubin``
+  (path relative to DIR, for ``cuModuleLoadData``), ``symbol`` (``cuModuleGetFunction``),
+  ``args`` (``[{name, type}]``: the ``cuLaunchKernel`` parameter order -- the kernel's
+  non-constexpr parameters as declared, then ``global_scratch`` and ``profile_scratch``, two
+  pointers every Triton 3.x kernel takes; pass 0 for both: the build fails if a kernel would
+  need either, ``global_scratch_size`` / ``profile_scratch_size`` are recorded as 0). Types:
+  ``*fp32`` / ``*fp16`` / ``*bf16`` / ``*i8`` / ``*u8`` / ``*i32`` / ``*i64`` are device
+  pointers (``CUdeviceptr``), ``i32`` is ``int32_t``. ``aligned16``: arguments compiled as
+  divisible by 16 (pointers: 16-byte aligned; the launcher must check and refuse otherwise).
+  ``threads`` (block ``threads x 1 x 1`` = 32 * ``num_warps``), ``shared`` (dynamic shared
+  memory bytes of the launch; above 48 KiB set ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``
+  first), ``num_ctas`` (1: no clusters), ``grid`` (three expressions over the plan's names and
+  the entry's ``constexprs``), ``ptx_target``, ``triton`` (compiler version).
+* ``plan`` (:mod:`.plan`): scratch buffers and their sizes, and per path (``fast`` /
+  ``generic``, :mod:`.layout`) the steps in launch order with their variant-name template,
+  argument expressions and launch condition.
+* ``gemm_configs``, ``split_k``, ``fast_units``: the data the launcher needs to pick the shape
+  class, the split-K factor (:func:`.configs.split_k`) and the unit of a layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -25,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import configs
+from . import configs, plan
 from .layout import FAST_UNITS
 
 MANIFEST_VERSION = 1
@@ -44,8 +59,12 @@ class Variant:
     aligned: tuple[str, ...]  # parameters assumed divisible by 16 (pointers: 16-byte aligned)
     num_warps: int
     num_stages: int
-    grid: list[str]  # grid rule per axis, in the launcher's variables
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> list[str]:
+        """Grid rule per axis (:data:`.plan.GRIDS`, over the plan's names and the constexprs)."""
+        return plan.GRIDS[self.kernel.split(":")[1]]
 
     def runtime_args(self) -> list[dict[str, str]]:
         return [{"name": n, "type": t} for n, t in self.signature.items() if t != "constexpr"]
@@ -74,7 +93,7 @@ def quant_variants() -> list[Variant]:
             sig["CH"] = "constexpr"
             out.append(Variant(
                 f"act_quant_{a_name}_perm{p_name}", "quant:act_quant_kernel", sig,
-                {"CH": cfg["CH"]}, _ptrs(sig), cfg["num_warps"], cfg["num_stages"], ["M", "1", "1"],
+                {"CH": cfg["CH"]}, _ptrs(sig), cfg["num_warps"], cfg["num_stages"],
                 # exact float32 rounding: no contraction into FMA anywhere in the quantizer
                 {"enable_fp_fusion": False}))
     return out
@@ -95,7 +114,6 @@ def gemm_variants() -> list[Variant]:
                     f"gemm_{cfg.name}_u{unit}_{o_name}", "gemm:serq_gemm_kernel", sig,
                     {"BM": cfg.BM, "BN": cfg.BN, "HALF": half, "UNITS_PER_PAIR": upp},
                     _ptrs(sig) + ("ldq", "ldw"), cfg.num_warps, cfg.num_stages,
-                    [f"cdiv(N, {cfg.BN})", f"cdiv(M, {cfg.BM})", "n_split"],
                     {"enable_fp_fusion": True}))
     return out
 
@@ -109,8 +127,7 @@ def reduce_variants() -> list[Variant]:
         sig["BLOCK"] = "constexpr"
         out.append(Variant(f"splitk_reduce_{o_name}", "gemm:splitk_reduce_kernel", sig,
                            {"BLOCK": cfg["BLOCK"]}, _ptrs(sig), cfg["num_warps"],
-                           cfg["num_stages"], [f"cdiv(M * N, {cfg['BLOCK']})", "1", "1"],
-                           {"enable_fp_fusion": True}))
+                           cfg["num_stages"], {"enable_fp_fusion": True}))
     return out
 
 
@@ -127,13 +144,17 @@ def generic_variants() -> list[Variant]:
             out.append(Variant(
                 f"generic_w{bits_w}_{o_name}", "generic:serq_generic_kernel", sig,
                 {"BM": g["BM"], "BN": g["BN"], "BK": g["BK"], "BITS_W": bits_w}, _ptrs(sig),
-                g["num_warps"], g["num_stages"], [f"cdiv(N, {g['BN']})", f"cdiv(M, {g['BM']})", "1"],
-                {"enable_fp_fusion": True}))
+                g["num_warps"], g["num_stages"], {"enable_fp_fusion": True}))
     return out
 
 
 def all_variants() -> list[Variant]:
     return quant_variants() + gemm_variants() + reduce_variants() + generic_variants()
+
+
+@functools.cache
+def variants_by_name() -> dict[str, Variant]:
+    return {v.name: v for v in all_variants()}
 
 
 def compile_variant(v: Variant, cc: int) -> tuple[bytes, dict[str, Any]]:
@@ -155,7 +176,13 @@ def compile_variant(v: Variant, cc: int) -> tuple[bytes, dict[str, Any]]:
     backend = triton.compiler.make_backend(target)
     opts = backend.parse_options({"num_warps": v.num_warps, "num_stages": v.num_stages,
                                   **v.options})
-    k = triton.compile(src, target=target, options=opts.__dict__)
+    knobs = triton.knobs.compilation
+    line_info_off = knobs.disable_line_info
+    knobs.disable_line_info = True
+    try:
+        k = triton.compile(src, target=target, options=opts.__dict__)
+    finally:
+        knobs.disable_line_info = line_info_off
     md = k.metadata
     gs = int(getattr(md, "global_scratch_size", 0) or 0)
     ps = int(getattr(md, "profile_scratch_size", 0) or 0)
@@ -206,6 +233,7 @@ def build(out: Path, archs=ARCHS, only: str | None = None, log=print) -> dict[st
                     "min_pairs_per_split": configs.MIN_PAIRS_PER_SPLIT},
         "fast_units": {str(u): {"half": h, "units_per_pair": p}
                        for u, (h, p) in FAST_UNITS.items()},
+        "plan": plan.as_manifest(),
         "kernels": entries,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -60,7 +60,7 @@ def split_k(cfg: GemmConfig, M: int, N: int, n_pairs: int) -> tuple[int, int]:
     ``n_split = min(max_split, ceil(target / tiles), n_pairs // MIN_PAIRS_PER_SPLIT)`` (>= 1),
     then trimmed so no split is empty.
     """
-    tiles = -(-M // cfg.BM) * -(-N // cfg.BN)
+    tiles = max(1, -(-M // cfg.BM) * -(-N // cfg.BN))
     want = -(-SPLIT_TARGET_PROGRAMS // tiles)
     n = max(1, min(cfg.max_split, want, n_pairs // MIN_PAIRS_PER_SPLIT))
     per = -(-n_pairs // n) if n_pairs else 1

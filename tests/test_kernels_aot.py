@@ -8,6 +8,7 @@ short: every kernel function, every GEMM shape class and unit, one output dtype.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import re
@@ -138,3 +139,36 @@ def test_build_refuses_interpreted_kernels(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=tmp_path)
     assert r.returncode != 0 and "TRITON_INTERPRET" in r.stderr
+
+
+def test_plan_names_real_variants_and_arguments():
+    """Every variant name the plan can produce exists, and every step's argument expressions
+    cover exactly its kernel's runtime parameters (the order is the manifest's)."""
+    from serq_onnx.kernels import plan
+
+    names = aot.variants_by_name()
+    dts = ("fp32", "fp16", "bf16")
+    for path, steps in plan.STEPS.items():
+        for _step, kernel, template, args, _when in steps:
+            for a, y, p, cls, unit, bw in itertools.product(
+                    dts, dts, ("i32", "i64"), [c.name for c in configs.GEMM_CONFIGS],
+                    FAST_UNITS, (4, 8)):
+                part = "fp32" if cls == "decode" else y
+                v = names[template.format(a_dtype=a, y_dtype=y, perm_dtype=p, gemm_class=cls,
+                                          unit=unit, bits_w=bw, part_dtype=part)]
+                assert v.kernel.endswith(":" + kernel)
+                runtime = [n for n, t in v.signature.items() if t != "constexpr"]
+                assert sorted(args) == sorted(runtime), (path, kernel)
+    m = plan.as_manifest()
+    assert set(m["scratch"]) == {"q", "sa", "za", "part"}
+    assert set(m["grids"]) == {s[1] for steps in plan.STEPS.values() for s in steps}
+
+
+def test_manifest_carries_the_plan(build):
+    _, manifest = build
+    from serq_onnx.kernels import plan
+
+    assert manifest["plan"] == json.loads(json.dumps(plan.as_manifest()))
+    assert manifest["gemm_configs"] == [c.as_dict() for c in configs.GEMM_CONFIGS]
+    for e in manifest["kernels"]:
+        assert e["grid"] == plan.GRIDS[e["kernel"].split(":")[1]]
