@@ -51,6 +51,7 @@ SAN_DIR := build/sanitize
 SAN_LIB := $(CURDIR)/$(SAN_DIR)/custom_ops/libserq_onnx_ops.so
 SAN_TESTS := tests/test_op_fuzz.py tests/test_op_malformed.py tests/test_op_concurrency.py tests/test_op_cpu.py
 SAN_FUZZ_EXAMPLES ?= 300
+SAN_MUTATIONS ?= 200
 FUZZ_EXAMPLES ?= 5000
 FUZZ_MUTATIONS ?= 2000
 ifndef FUZZ_SEED
@@ -65,6 +66,7 @@ sanitize: setup
 	$(BIN)/cmake --build $(SAN_DIR)
 	rm -rf $(SAN_DIR)/reports && mkdir -p $(SAN_DIR)/reports
 	SERQ_ONNX_LIBRARY=$(SAN_LIB) SERQ_FUZZ_EXAMPLES=$(SAN_FUZZ_EXAMPLES) SERQ_FUZZ_REPORT=$(SAN_DIR)/fuzz.json \
+	SERQ_MALFORMED_MUTATIONS=$(SAN_MUTATIONS) \
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(CURDIR)/$(SAN_DIR)/reports/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(SAN_DIR)/reports/ubsan \
