@@ -7,7 +7,7 @@ tensors on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,15 @@ from .layout import KernelLayout, param_stride
 from .repack import repack_fast
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Runs one step: (variant, grid, keyword arguments by parameter name).
+Runner = Callable[["aot.Variant", tuple, dict], None]
+
+
+def jit_runner(v: aot.Variant, grid: tuple, kwargs: dict) -> None:
+    """Launch through Triton's JIT (or its interpreter) with the variant's compile options."""
+    aot._kernel(v.kernel)[grid](**kwargs, **v.constexprs, num_warps=v.num_warps,
+                                num_stages=v.num_stages)
 
 
 @dataclass
@@ -72,11 +81,13 @@ def quantities(kl: KernelLayout, M: int, *, has_perm: bool, has_scale: bool, has
 
 def serq_matmul(A: torch.Tensor, dw: DeviceWeights, act_scale: torch.Tensor | None = None,
                 act_perm: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None,
-                config: configs.GemmConfig | None = None, n_split: int | None = None
-                ) -> torch.Tensor:
+                config: configs.GemmConfig | None = None, n_split: int | None = None,
+                runner: Runner = jit_runner) -> torch.Tensor:
     """``reference.serq_matmul`` on the kernels: ``A [..., K]`` -> ``Y [..., N]``.
 
-    ``config`` / ``n_split`` override the shape class and split-K factor (tests)."""
+    ``config`` / ``n_split`` override the shape class and split-K factor (tests); ``runner``
+    launches each step (default: Triton's JIT; :class:`.cubin_launch.CubinRunner`: the AOT
+    cubins through the CUDA driver, as the C++ launcher does)."""
     kl = dw.klayout
     L = kl.layout
     lead = A.shape[:-1]
@@ -106,15 +117,14 @@ def serq_matmul(A: torch.Tensor, dw: DeviceWeights, act_scale: torch.Tensor | No
         if not plan.evaluate(when, names):
             continue
         v = variants[vname.format(**tags)]
-        fn = aot._kernel(v.kernel)
         kwargs = {p: plan.evaluate(e, {**names, **bufs}) for p, e in args.items()}
         grid = tuple(plan.evaluate(g, {**names, **v.constexprs}) for g in plan.GRIDS[kernel])
-        fn[grid](**kwargs, **v.constexprs, num_warps=v.num_warps, num_stages=v.num_stages)
+        runner(v, grid, kwargs)
     return bufs["Y"].reshape(*lead, L.N)
 
 
 def quantize(x: torch.Tensor, kl: KernelLayout, act_scale: torch.Tensor | None = None,
-             act_perm: torch.Tensor | None = None):
+             act_perm: torch.Tensor | None = None, runner: Runner = jit_runner):
     """Only the plan's quantization step on ``x: [M, K]``; returns ``(q, sa, za, ldp)`` as
     ``[M, KX]``, ``[n_units, ldp]`` x 2 views (for the tests of the codes)."""
     M = x.shape[0]
@@ -132,6 +142,5 @@ def quantize(x: torch.Tensor, kl: KernelLayout, act_scale: torch.Tensor | None =
     v = aot.variants_by_name()[f"act_quant_{DTYPE_NAMES[x.dtype]}_perm{perm}"]
     kwargs = {p: plan.evaluate(e, {**names, **bufs}) for p, e in plan.QUANT_ARGS.items()}
     if M:
-        aot._kernel(v.kernel)[(M,)](**kwargs, **v.constexprs, num_warps=v.num_warps,
-                                    num_stages=v.num_stages)
+        runner(v, (M, 1, 1), kwargs)
     return bufs["q"], bufs["sa"], bufs["za"], ldp

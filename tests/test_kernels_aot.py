@@ -172,3 +172,37 @@ def test_manifest_carries_the_plan(build):
     assert manifest["gemm_configs"] == [c.as_dict() for c in configs.GEMM_CONFIGS]
     for e in manifest["kernels"]:
         assert e["grid"] == plan.GRIDS[e["kernel"].split(":")[1]]
+
+
+def test_driver_arguments_follow_the_manifest(build):
+    """kernelParams for cuLaunchKernel: manifest order, pointers as 64-bit addresses, i32 as
+    int32, the two Triton scratch pointers 0 (what CubinRunner and the C++ launcher pass)."""
+    import ctypes
+
+    from serq_onnx.kernels.cubin_launch import pack_args
+
+    class FakeTensor:
+        def __init__(self, p):
+            self.p = p
+
+        def data_ptr(self):
+            return self.p
+
+    _, manifest = build
+    e = _entries(manifest, "gemm_prefill_u128")[0]
+    values = {}
+    for i, a in enumerate(e["args"][:-2]):
+        values[a["name"]] = FakeTensor(0x7F0000000000 + 256 * i) if a["type"][0] == "*" else -i
+    params, _keep = pack_args(e["args"], values)
+    assert len(params) == len(e["args"])
+    for i, a in enumerate(e["args"]):
+        ty = ctypes.c_uint64 if a["type"][0] == "*" else ctypes.c_int32
+        got = ctypes.cast(params[i], ctypes.POINTER(ty)).contents.value
+        if a["name"] in ("global_scratch", "profile_scratch"):
+            assert got == 0
+        elif a["type"][0] == "*":
+            assert got == 0x7F0000000000 + 256 * i
+        else:
+            assert got == -i
+    with pytest.raises(ValueError):
+        pack_args([{"name": "x", "type": "fp32"}], {"x": 1.0})

@@ -1,4 +1,5 @@
-"""The Triton kernels on a real GPU (torch CUDA tensors) against the reference.
+"""The Triton kernels on a real GPU (torch CUDA tensors) against the reference, both through
+Triton's JIT and as AOT cubins launched through the driver API.
 
 Marked ``gpu`` and skipped, visibly, without a CUDA device. The kernels run in one child process
 (without ``TRITON_INTERPRET``, which test_kernels_interp sets for this whole session); this
@@ -45,7 +46,11 @@ import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from op_models import random_case
 from serq_onnx.kernels import launch
-cases, out = json.loads(sys.argv[2]), sys.argv[3]
+from serq_onnx.kernels.cubin_launch import CubinRunner
+cases, out, aot_dir = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+major, minor = torch.cuda.get_device_capability()
+torch.zeros(1, device="cuda")  # the runtime's primary context, current on this thread
+cubins = CubinRunner(aot_dir, 10 * major + minor)
 for name, (K, N, r, gw, ga, bw, ba, M, dt, split) in cases.items():
     case = random_case(K, N, r, gw, ga, bw, ba, seed=len(name), act_scale=True,
                        act_perm=np.int64, bias=True)
@@ -57,19 +62,28 @@ for name, (K, N, r, gw, ga, bw, ba, M, dt, split) in cases.items():
     kw = dict(n_split=split) if split else {}
     y = launch.serq_matmul(A, dw, t(case.act_scale), t(case.act_perm), **kw)
     y2 = launch.serq_matmul(A, dw, t(case.act_scale), t(case.act_perm), **kw)
-    ydt = str(y.dtype)
-    y, y2 = y.float().cpu().numpy(), y2.float().cpu().numpy()
-    np.savez(f"{out}/{name}.npz", A=A.float().cpu().numpy(), y=y, dtype=ydt,
-             same=np.array_equal(y, y2, equal_nan=True))
+    yc = launch.serq_matmul(A, dw, t(case.act_scale), t(case.act_perm), runner=cubins, **kw)
+    ydt, ycdt = str(y.dtype), str(yc.dtype)
+    y, y2, yc = (v.float().cpu().numpy() for v in (y, y2, yc))
+    np.savez(f"{out}/{name}.npz", A=A.float().cpu().numpy(), y=y, y_cubin=yc, dtype=ydt,
+             dtype_cubin=ycdt, same=np.array_equal(y, y2, equal_nan=True))
 """
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
+    """Outputs of every case from Triton's JIT and from the AOT cubins (``SERQ_KERNELS_AOT_DIR``
+    if set, else built here for this GPU's arch)."""
     out = tmp_path_factory.mktemp("gpu_kernels")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    aot_dir = os.environ.get("SERQ_KERNELS_AOT_DIR")
+    if not aot_dir:
+        major, minor = torch.cuda.get_device_capability()
+        aot_dir = str(tmp_path_factory.mktemp("aot"))
+        subprocess.run([sys.executable, "-m", "serq_onnx.kernels.aot", "--out", aot_dir,
+                        "--arch", str(10 * major + minor)], check=True, env=env, cwd=out)
     subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), json.dumps(CASES),
-                    str(out)], check=True, env=env, cwd=out)
+                    str(out), aot_dir], check=True, env=env, cwd=out)
     return out
 
 
@@ -82,3 +96,14 @@ def test_gpu_matches_reference(results, name):
     assert str(got["dtype"]) == f"torch.{dt}"
     check(case, got["A"], got["y"], dt, split or MAX_SPLIT)
     assert bool(got["same"]), "two runs differ: the kernels must be deterministic"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_cubins_match_reference(results, name):
+    """The shipped cubins, launched through the driver API as the manifest says."""
+    K, N, r, gw, ga, bw, ba, M, dt, split = CASES[name]
+    case = random_case(K, N, r, gw, ga, bw, ba, seed=len(name), act_scale=True,
+                       act_perm=np.int64, bias=True)
+    got = np.load(results / f"{name}.npz")
+    assert str(got["dtype_cubin"]) == f"torch.{dt}"
+    check(case, got["A"], got["y_cubin"], dt, split or MAX_SPLIT)
