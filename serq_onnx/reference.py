@@ -394,6 +394,9 @@ def check_inputs(A, B, scales, wsum, act_scale, act_perm, bias, L: Layout) -> No
         raise ContractError(f"scales must be [{L.N}, {L.K_ext // L.group_w}], got {scales.shape}")
     if wsum.shape != (L.N, L.K_ext // L.block):
         raise ContractError(f"wsum must be [{L.N}, {L.K_ext // L.block}], got {wsum.shape}")
+    sc = np.asarray(scales)
+    if not (np.isfinite(sc).all() and (sc > 0).all()):
+        raise ContractError("scales must be finite and > 0")
     if act_scale is not None and np.shape(act_scale) != (L.K,):
         raise ContractError(f"act_scale must be [{L.K}]")
     if act_perm is not None:
