@@ -100,3 +100,12 @@ def test_runtime_reasons_are_reported(tiny_llama, tmp_path):
     assert report.runtime_transforms  # o_proj inputs and the norm permutations
     assert any("residual stream" in k for k in report.runtime_transforms)
     assert "at run time x" in report.summary()
+
+
+def test_conversion_is_deterministic(tiny_llama, tmp_path):
+    """The same model, options and calibration give the same file, byte for byte."""
+    settings = {**SMALL, "weight_quant": "gptq"}
+    convert(tiny_llama.onnx_path, tmp_path / "a", **settings)
+    convert(tiny_llama.onnx_path, tmp_path / "b", **settings)
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == \
+        (tmp_path / "b" / "model.onnx").read_bytes()
