@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import re
 import sys
@@ -84,7 +85,8 @@ def quant_variants() -> list[Variant]:
     out = []
     cfg = configs.QUANT_CONFIG
     for a_name, a_ty in (("fp32", "*fp32"), ("fp16", "*fp16"), ("bf16", "*bf16")):
-        for p_name, p_ty in (("i32", "*i32"), ("i64", "*i64")):
+        for (p_name, p_ty), ch in itertools.product((("i32", "*i32"), ("i64", "*i64")),
+                                                    configs.QUANT_CHUNKS):
             sig = {"a_ptr": a_ty, "perm_ptr": p_ty, "ascale_ptr": "*fp32", "q_ptr": "*i8",
                    "sa_ptr": "*fp32", "za_ptr": "*i32"}
             sig |= {n: "i32" for n in ("K", "stride_am", "K_pad", "rank", "r_pad", "K_ext", "KX",
@@ -92,8 +94,8 @@ def quant_variants() -> list[Variant]:
                                        "off", "has_perm", "has_scale")}
             sig["CH"] = "constexpr"
             out.append(Variant(
-                f"act_quant_{a_name}_perm{p_name}", "quant:act_quant_kernel", sig,
-                {"CH": cfg["CH"]}, _ptrs(sig), cfg["num_warps"], cfg["num_stages"],
+                f"act_quant_{a_name}_perm{p_name}_ch{ch}", "quant:act_quant_kernel", sig,
+                {"CH": ch}, _ptrs(sig), cfg["num_warps"], cfg["num_stages"],
                 # exact float32 rounding: no contraction into FMA anywhere in the quantizer
                 {"enable_fp_fusion": False}))
     return out
@@ -229,6 +231,8 @@ def build(out: Path, archs=ARCHS, only: str | None = None, log=print) -> dict[st
         "version": MANIFEST_VERSION,
         "archs": list(archs),
         "gemm_configs": [c.as_dict() for c in configs.GEMM_CONFIGS],
+        "quant_chunks": {"chunks": list(configs.QUANT_CHUNKS),
+                         "rule": "chunks[1] if group_a_eff >= chunks[1] else chunks[0]"},
         "split_k": {"target_programs": configs.SPLIT_TARGET_PROGRAMS,
                     "min_pairs_per_split": configs.MIN_PAIRS_PER_SPLIT},
         "fast_units": {str(u): {"half": h, "units_per_pair": p}

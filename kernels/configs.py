@@ -37,7 +37,15 @@ GEMM_CONFIGS: tuple[GemmConfig, ...] = (
 )
 
 GENERIC_CONFIG = dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=2)
-QUANT_CONFIG = dict(CH=128, num_warps=4, num_stages=1)
+QUANT_CONFIG = dict(num_warps=4, num_stages=1)
+# Activation quantization reads a group in chunks of CH channels: large chunks for whole-row
+# groups (group_a = 0) so one program does few dependent loads, 128 otherwise.
+QUANT_CHUNKS = (128, 1024)
+
+
+def quant_chunk(group: int) -> int:
+    """Chunk of the quantization variant for activation groups of ``group`` channels."""
+    return QUANT_CHUNKS[1] if group >= QUANT_CHUNKS[1] else QUANT_CHUNKS[0]
 REDUCE_CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=1)
 
 # Split-K aims at this many programs (about two waves on a 132-SM H100), no fewer than

@@ -111,7 +111,8 @@ def serq_matmul(A: torch.Tensor, dw: DeviceWeights, act_scale: torch.Tensor | No
                 perm_dtype="i64" if act_perm is not None and act_perm.dtype == torch.int64
                 else "i32",
                 part_dtype="fp32" if names["n_split"] > 1 else DTYPE_NAMES[y_dtype],
-                gemm_class=names["gemm_class"], unit=kl.unit, bits_w=L.bits_w)
+                gemm_class=names["gemm_class"], unit=kl.unit, bits_w=L.bits_w,
+                quant_ch=configs.quant_chunk(kl.group_a_eff))
     variants = aot.variants_by_name()
     for _step, kernel, vname, args, when in plan.STEPS[kl.path]:
         if not plan.evaluate(when, names):
@@ -139,8 +140,11 @@ def quantize(x: torch.Tensor, kl: KernelLayout, act_scale: torch.Tensor | None =
             "sa": torch.empty((kl.n_units, ldp), dtype=torch.float32, device=dev),
             "za": torch.empty((kl.n_units, ldp), dtype=torch.int32, device=dev)}
     perm = "i64" if act_perm is not None and act_perm.dtype == torch.int64 else "i32"
-    v = aot.variants_by_name()[f"act_quant_{DTYPE_NAMES[x.dtype]}_perm{perm}"]
+    ch = configs.quant_chunk(kl.group_a_eff)
+    v = aot.variants_by_name()[f"act_quant_{DTYPE_NAMES[x.dtype]}_perm{perm}_ch{ch}"]
     kwargs = {p: plan.evaluate(e, {**names, **bufs}) for p, e in plan.QUANT_ARGS.items()}
     if M:
-        runner(v, (M, 1, 1), kwargs)
+        grid = tuple(plan.evaluate(g, {**names, **v.constexprs})
+                     for g in plan.GRIDS["act_quant_kernel"])
+        runner(v, grid, kwargs)
     return bufs["q"], bufs["sa"], bufs["za"], ldp

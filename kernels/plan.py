@@ -59,7 +59,7 @@ GENERIC_ARGS = {
 }
 
 GRIDS = {
-    "act_quant_kernel": ["M", "1", "1"],
+    "act_quant_kernel": ["M", "n_groups", "1"],
     "serq_gemm_kernel": ["cdiv(N, BN)", "cdiv(M, BM)", "n_split"],
     "splitk_reduce_kernel": ["cdiv(M * N, BLOCK)", "1", "1"],
     "serq_generic_kernel": ["cdiv(N, BN)", "cdiv(M, BM)", "1"],
@@ -68,10 +68,11 @@ GRIDS = {
 # Per path: (step, kernel, variant name, arguments, condition). Variant names are templates
 # over a_dtype / y_dtype (fp32, fp16, bf16: A's and Y's element types), perm_dtype (i32 or
 # i64; i32 when act_perm is absent), part_dtype (fp32 when n_split > 1, else y_dtype),
-# gemm_class (:data:`.configs.GEMM_CONFIGS` entry chosen by M), unit and bits_w.
+# gemm_class (:data:`.configs.GEMM_CONFIGS` entry chosen by M), quant_ch
+# (:func:`.configs.quant_chunk` of group_a_eff), unit and bits_w.
 STEPS: dict[str, list[tuple[str, str, str, dict[str, str], str]]] = {
     "fast": [
-        ("quant", "act_quant_kernel", "act_quant_{a_dtype}_perm{perm_dtype}", QUANT_ARGS,
+        ("quant", "act_quant_kernel", "act_quant_{a_dtype}_perm{perm_dtype}_ch{quant_ch}", QUANT_ARGS,
          "M > 0"),
         ("gemm", "serq_gemm_kernel", "gemm_{gemm_class}_u{unit}_{part_dtype}", GEMM_ARGS,
          "M > 0"),
@@ -79,7 +80,7 @@ STEPS: dict[str, list[tuple[str, str, str, dict[str, str], str]]] = {
          "M > 0 and n_split > 1"),
     ],
     "generic": [
-        ("quant", "act_quant_kernel", "act_quant_{a_dtype}_perm{perm_dtype}", QUANT_ARGS,
+        ("quant", "act_quant_kernel", "act_quant_{a_dtype}_perm{perm_dtype}_ch{quant_ch}", QUANT_ARGS,
          "M > 0"),
         ("gemm", "serq_generic_kernel", "generic_w{bits_w}_{y_dtype}", GENERIC_ARGS, "M > 0"),
     ],

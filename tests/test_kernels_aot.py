@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton not installed (pip install .[gpu])")
 
 ARCHS = (80, 89, 90)
-SUBSET = r"^(act_quant_fp16_permi32|gemm_\w+_fp16|splitk_reduce_fp16|generic_w[48]_fp16)$"
+SUBSET = (r"^(act_quant_fp16_permi32_ch\d+|gemm_\w+_fp16|gemm_decode_\w+_fp32|splitk_reduce_fp16"
+          r"|generic_w[48]_fp16)$")
 HOT = ("act_quant_", "gemm_", "splitk_reduce_")
 
 needs_cuobjdump = pytest.mark.skipif(
@@ -97,7 +98,7 @@ def test_gemm_runs_on_int8_tensor_cores(build):
     """IMMA (mma.sync s8) on sm_80/89; on sm_90 IGMMA (wgmma) for 64-row tiles, IMMA for 16."""
     out, manifest = build
     gemms = _entries(manifest, "gemm_")
-    assert len(gemms) == len(configs.GEMM_CONFIGS) * len(FAST_UNITS) * len(ARCHS)
+    assert len(gemms) == (len(configs.GEMM_CONFIGS) + 1) * len(FAST_UNITS) * len(ARCHS)
     for e in gemms:
         ops = sass.mma_instructions(sass.sass(out / e["cubin"]))
         kinds = {op.split(".")[0] for op in ops}
@@ -129,7 +130,8 @@ def test_hot_kernels_do_not_spill(build):
         assert u["STACK"] == 0 and u.get("LOCAL", 0) == 0, (e["arch"], e["name"], u)
         assert 0 < u["REG"] <= 255
         seen += 1
-    assert seen == (2 + len(configs.GEMM_CONFIGS) * len(FAST_UNITS)) * len(ARCHS)
+    n_gemm = (len(configs.GEMM_CONFIGS) + 1) * len(FAST_UNITS)  # + the fp32 decode variants
+    assert seen == (len(configs.QUANT_CHUNKS) + 1 + n_gemm) * len(ARCHS)
 
 
 def test_build_refuses_interpreted_kernels(tmp_path):
@@ -150,12 +152,12 @@ def test_plan_names_real_variants_and_arguments():
     dts = ("fp32", "fp16", "bf16")
     for path, steps in plan.STEPS.items():
         for _step, kernel, template, args, _when in steps:
-            for a, y, p, cls, unit, bw in itertools.product(
+            for a, y, p, cls, unit, bw, ch in itertools.product(
                     dts, dts, ("i32", "i64"), [c.name for c in configs.GEMM_CONFIGS],
-                    FAST_UNITS, (4, 8)):
+                    FAST_UNITS, (4, 8), configs.QUANT_CHUNKS):
                 part = "fp32" if cls == "decode" else y
                 v = names[template.format(a_dtype=a, y_dtype=y, perm_dtype=p, gemm_class=cls,
-                                          unit=unit, bits_w=bw, part_dtype=part)]
+                                          unit=unit, bits_w=bw, part_dtype=part, quant_ch=ch)]
                 assert v.kernel.endswith(":" + kernel)
                 runtime = [n for n, t in v.signature.items() if t != "constexpr"]
                 assert sorted(args) == sorted(runtime), (path, kernel)

@@ -74,6 +74,7 @@ QUANT_CASES = {  # K, rank, group_w, group_a, bits_a, block (fast path unit or g
     "a4_ga64_rank_k": (128, 128, 64, 64, 4),
     "generic_ga8_gw16": (100, 10, 16, 8, 8),
     "a8_ga32_k_lt_gw": (40, 8, 128, 32, 8),
+    "a4_ga0_k1100_chunk1024": (1100, 40, 128, 0, 4),
 }
 
 
@@ -104,6 +105,10 @@ def test_quant_codes_bit_identical(name, dtype):
                                       rq[good, :rank].astype(np.int32) - off)
         # per-unit parameters: the group of the unit's first real channel
         g = kl.group_a_eff
+        G = rs.shape[1]
+        fin = np.isfinite(np.pad(x, ((0, 0), (0, G * g - K)))).reshape(M, G, g)
+        group_bad = ~fin.all(axis=2)  # a NaN scale exactly where the group is non-finite
+        assert np.isnan(sa[:, :M][:, bad]).any(axis=0).all()
         for u in range(kl.n_units):
             k = u * kl.unit
             if k >= L.K_ext:
@@ -113,7 +118,7 @@ def test_quant_codes_bit_identical(name, dtype):
             grp = min(c // g, rs.shape[1] - 1)
             np.testing.assert_array_equal(sa[u, :M][good], rs[good, grp])
             np.testing.assert_array_equal(za[u, :M][good], rz[good, grp] - off)
-            assert np.isnan(sa[u, :M][bad]).all()
+            np.testing.assert_array_equal(np.isnan(sa[u, :M][bad]), group_bad[bad, grp])
             # padding columns of the unit hold its zero point: they contribute exactly 0
             cols = np.arange(k, k + kl.unit)
             pad = (cols >= L.K) & (cols < L.K_pad) | (cols >= L.K_pad + rank)
@@ -121,6 +126,11 @@ def test_quant_codes_bit_identical(name, dtype):
                                           np.repeat(za[u, :M][good][:, None], pad.sum(), 1))
         np.testing.assert_array_equal(q[:, L.K_ext:], 0)
         assert ldp == param_stride(M) and ldp >= M
+
+
+def test_whole_row_groups_use_the_large_chunk():
+    assert configs.quant_chunk(1100) == configs.QUANT_CHUNKS[1] > 1100 // 2
+    assert configs.quant_chunk(128) == configs.QUANT_CHUNKS[0]
 
 
 def test_quant_ties_really_exercised():
