@@ -1,8 +1,9 @@
 """Find the decoder's linear layers and group them by the activation they read.
 
 Matching is structural (a ``MatMul`` whose second input is a 2-D float initializer), so it does
-not depend on exporter naming; names only label the targets. ``lm_head`` (the MatMul producing a
-graph output) is left in float, as are embeddings and attention.
+not depend on exporter naming; names only label the targets. ``lm_head`` (the MatMul producing the
+``logits`` output) is left in float unless ``config.lm_head`` asks for it; embeddings and
+attention always are.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import onnx_ir as ir
 
 from serq_onnx.errors import SerqError
-from serq_onnx.plan import InputGroup, Target
+from serq_onnx.plan import LM_HEAD_BITS, InputGroup, Target
 
 from ._base import PlanPass
 
@@ -91,7 +92,11 @@ class FindTargetsPass(PlanPass):
         for i, node in enumerate(graph):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue
-            if not _is_weight(node.inputs[1]) or node.outputs[0] in outputs:
+            if not _is_weight(node.inputs[1]):
+                continue
+            head = node.outputs[0] in outputs
+            if head and not (self.plan.config.lm_head != "float"
+                             and node.outputs[0].name == "logits"):
                 continue
             if node.inputs[1].const_value.dtype not in _SUPPORTED:
                 raise SerqError(f"{node.name}: {node.inputs[1].const_value.dtype.name} weights "
@@ -99,8 +104,11 @@ class FindTargetsPass(PlanPass):
                                 "float16 (--dtype fp16) weights")
             K, N = (int(d) for d in node.inputs[1].const_value.shape)
             label, role, layer = _label(node, i)
-            by_input.setdefault(node.inputs[0], []).append(
-                Target(node=node, name=label, role=role, layer=layer, K=K, N=N))
+            target = Target(node=node, name=label, role=role, layer=layer, K=K, N=N)
+            if head:  # the LM head: its own bits, no salient correction
+                target.name, target.role = "lm_head", "lm_head"
+                target.bits, target.rank_cap = LM_HEAD_BITS[self.plan.config.lm_head], 0
+            by_input.setdefault(node.inputs[0], []).append(target)
         if not by_input:
             raise SerqError("no linear layers found: the model has no MatMul with a 2-D float "
                             "weight initializer (is it an Optimum export of a decoder LM?)")

@@ -128,7 +128,10 @@ class GPTQPass(ir.passes.InPlacePass):
                             "flattening scales; run CalibratePass and FoldFlatteningPass first")
         hessian = layer_hessian(group.gram, group.tokens, group.s, group.perm)
         w = np.concatenate([t.residual for t in group.targets], axis=1)
-        codes, scales = gptq_quantize(w, hessian, cfg.bits_w, cfg.group_w, damp=cfg.gptq_damp,
+        bits_w = {t.layer_bits(cfg)[0] for t in group.targets}
+        if len(bits_w) != 1:
+            raise SerqError(f"{group.name}: layers reading one input must share weight bits")
+        codes, scales = gptq_quantize(w, hessian, bits_w.pop(), cfg.group_w, damp=cfg.gptq_damp,
                                       search=cfg.weight_scale == "mse")
         start = 0
         for t in group.targets:

@@ -69,7 +69,7 @@ class LowRankFactorsPass(PlanPass):
             for t in group.targets:
                 if t.weights is None:
                     raise SerqError(f"{t.name}: quantize the main weight before L2QER")
-                rank = min(cfg.rank, t.K, t.N)
+                rank = min(cfg.rank, t.K, t.N, *([t.rank_cap] if t.rank_cap is not None else []))
                 if rank == 0:
                     continue
                 w_deq = reference.effective_weight(t.weights).astype(np.float32)

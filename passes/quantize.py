@@ -17,8 +17,9 @@ from serq_onnx.plan import ConvertConfig, Plan, Target
 
 def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.ndarray) -> None:
     """Set ``t.weights`` from its main codes ``[K, N]`` and scales and its R; drop the residual."""
+    bits_w, bits_a = t.layer_bits(cfg)
     layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
-                              group_a=cfg.group_a, bits_w=cfg.bits_w, bits_a=cfg.bits_a)
+                              group_a=cfg.group_a, bits_w=bits_w, bits_a=bits_a)
     t.weights = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
     t.residual = None  # the float copy is no longer needed
 
@@ -33,7 +34,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         cfg = self.plan.config
         for t in tqdm(self.plan.targets, desc="quantizing", unit="layer",
                       disable=not self.progress):
-            codes, scales = reference.quantize_weight(t.residual, cfg.bits_w, cfg.group_w,
+            codes, scales = reference.quantize_weight(t.residual, t.layer_bits(cfg)[0], cfg.group_w,
                                                       search=cfg.weight_scale == "mse")
             pack_target(t, cfg, codes, scales)
         return ir.passes.PassResult(model, modified=False)

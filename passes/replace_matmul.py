@@ -54,7 +54,7 @@ class ReplaceMatMulPass(PlanPass):
                           domain=reference.DOMAIN, version=reference.OP_VERSION, name=name,
                           outputs=[ir.Value(shape=old_out.shape, type=old_out.type)])
             graph.insert_before(t.node, new)
-            ir.convenience.replace_all_uses_with(old_out, new.outputs[0])
+            ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
             out_name = old_out.name
             graph.remove(t.node, safe=True)
             new.outputs[0].name = out_name

@@ -18,8 +18,7 @@ class SalientReconstructionPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for t in self.plan.targets:
-            rank = min(cfg.effective_rank, t.K)
             t.r_codes, t.r_scale, t.residual = reference.salient_split(
-                t.weight_f32(), rank, cfg.bits_w)
+                t.weight_f32(), t.layer_rank(cfg), t.layer_bits(cfg)[0])
             t.w_hat = None
         return ir.passes.PassResult(model, modified=False)

@@ -39,6 +39,9 @@ def _add_convert(sub) -> None:
                    help="weight group scales: mse (clipping searched for the least rounding "
                    "error) or absmax (max|w| / 7); default: mse for serq and flatten, absmax for "
                    "the baselines")
+    p.add_argument("--lm-head", default="float", choices=["float", "int8"],
+                   help="float (default) keeps the LM head float; int8 runs it as SerqMatMul with "
+                   "8-bit weights and activations")
     p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
@@ -60,6 +63,7 @@ def _convert(args) -> int:
                      calib=args.calib, calib_samples=args.calib_samples,
                      calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
                      weight_scale=args.weight_scale, smooth_alpha=args.alpha,
+                     lm_head=args.lm_head,
                      verify=not args.no_verify, fuse=not args.no_fuse,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(report.summary())

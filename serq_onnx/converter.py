@@ -84,7 +84,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
-            smooth_alpha: float = 0.5, log=print) -> ConversionReport:
+            smooth_alpha: float = 0.5, lm_head: str = "float", log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -97,7 +97,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ``group_a`` None takes the scheme's default (128 for w4a8, 32 for w4a4). ``method``
     ``"smoothquant"`` (migration strength ``smooth_alpha``) and ``"l2qer"`` (low-rank error
     correction of rank ``rank``) are baselines built from the same groups, bits and kernels as
-    SERQ, for comparison.
+    SERQ, for comparison. ``lm_head`` ``"int8"`` also quantizes the LM head (8-bit weights and
+    activations through SerqMatMul, no salient correction); ``"float"`` keeps it float.
     """
     from serq_onnx import passes
 
@@ -106,7 +107,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     model_path = Path(model)
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
-                           smooth_alpha=smooth_alpha)
+                           smooth_alpha=smooth_alpha, lm_head=lm_head)
     for flag, v in (("--calib-samples", calib_samples), ("--calib-seqlen", calib_seqlen)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise SerqError(f"{flag} must be a whole number >= 1, got {v!r}")
@@ -219,14 +220,15 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
 def _effective_ranks(plan: Plan, log) -> dict[str, int]:
     """Layers per effective rank: ``--rank`` is clamped to each layer's K (a rank of K already
     corrects every row); a rank no layer can take is a mistake."""
-    asked = plan.config.effective_rank
-    ks = sorted({t.K for t in plan.targets})
-    if asked > ks[-1]:
+    cfg = plan.config
+    asked = cfg.effective_rank
+    ks = sorted({t.K for t in plan.targets if t.rank_cap is None})
+    if ks and asked > ks[-1]:
         raise SerqError(f"--rank {asked} exceeds the input size K of every linear layer "
                         f"(largest K: {ks[-1]}); choose a rank <= {ks[-1]}")
     ranks: dict[str, int] = {}
     for t in plan.targets:
-        key = str(min(asked, t.K))
+        key = str(t.layer_rank(cfg))
         ranks[key] = ranks.get(key, 0) + 1
     clamped = [k for k in ks if k < asked]
     if clamped:

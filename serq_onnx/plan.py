@@ -33,6 +33,11 @@ DEFAULT_WEIGHT_SCALE = {"serq": "mse", "flatten": "mse", "rtn": "absmax",
 # Activation group per scheme when none is given: 8-bit activations lose 0.3% perplexity at
 # groups of 128 on SmolLM2; 4-bit ones need groups of 32 (models/smollm2-135m/RESULTS.md).
 DEFAULT_GROUP_A = {"w4a8": 128, "w4a4": 32}
+# lm_head: kept float, or int8 (8-bit weights and activations through SerqMatMul, no R). The
+# head reads vocab x hidden weights per decoded token, more than all 4-bit decoder layers of a
+# small model together.
+LM_HEADS = ("float", "int8")
+LM_HEAD_BITS = {"int8": (8, 8)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class ConvertConfig:
     weight_scale: str | None = None  # group scales: mse (searched) or absmax (None: the method's)
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     smooth_alpha: float = 0.5  # SmoothQuant migration strength (method "smoothquant" only)
+    lm_head: str = "float"  # LM_HEADS
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -67,6 +73,9 @@ class ConvertConfig:
                             f"{', '.join(WEIGHT_SCALES)}")
         if self.group_a is None:
             object.__setattr__(self, "group_a", DEFAULT_GROUP_A[self.scheme])
+        if self.lm_head not in LM_HEADS:
+            raise SerqError(f"unknown --lm-head {self.lm_head!r}; choose one of "
+                            f"{', '.join(LM_HEADS)}")
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
             raise SerqError(f"gptq_damp must be a number in (0, 1], got {damp!r}")
@@ -120,11 +129,22 @@ class Target:
     r_scale: np.ndarray | None = None
     residual: np.ndarray | None = None
     w_hat: np.ndarray | None = None  # float32 flattened, permuted weight (the graph may hold FP16)
+    bits: tuple[int, int] | None = None  # (bits_w, bits_a) of this layer when not the scheme's
+    rank_cap: int | None = None  # largest salient rank this layer takes (lm_head: 0)
     lowrank: tuple[np.ndarray, np.ndarray] | None = None  # l2qer: float A [K, r], B [r, N]
 
     @property
     def weight(self) -> ir.Value:
         return self.node.inputs[1]
+
+    def layer_bits(self, cfg: ConvertConfig) -> tuple[int, int]:
+        """``(bits_w, bits_a)`` of this layer."""
+        return self.bits or (cfg.bits_w, cfg.bits_a)
+
+    def layer_rank(self, cfg: ConvertConfig) -> int:
+        """The salient rank this layer gets: the asked one, capped at K (and at ``rank_cap``)."""
+        r = min(cfg.effective_rank, self.K)
+        return r if self.rank_cap is None else min(r, self.rank_cap)
 
     def weight_f32(self) -> np.ndarray:
         """The weight the quantizers start from, in float32."""
