@@ -32,7 +32,7 @@ class GemmConfig:
 # Ordered by m_max; the last entry takes every larger M.
 GEMM_CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig("decode", 16, 16, 64, 4, 4, 8),
-    GemmConfig("small", 64, 64, 64, 4, 3, 1),
+    GemmConfig("small", 64, 64, 64, 4, 3, 4),
     GemmConfig("prefill", 0, 64, 128, 4, 3, 1),
 )
 
