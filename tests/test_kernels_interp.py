@@ -234,6 +234,8 @@ def test_config_classes_cover_m():
     """Every M maps to one class; decode is M <= 16 with split-K allowed, never above."""
     assert configs.gemm_config(1).name == "decode" and configs.gemm_config(16).name == "decode"
     assert configs.gemm_config(17).name != "decode"
+    # decode: one row tile holds every M <= 16, so each weight byte is read once per launch
+    assert configs.gemm_config(16).BM >= 16
     assert configs.gemm_config(10**6) is configs.GEMM_CONFIGS[-1]
     n, per = configs.split_k(configs.gemm_config(1), 1, 1024, 64)
     assert n > 1 and n * per >= 64 and (n - 1) * per < 64
