@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "int_gemm.h"
+#include "op_common.h"
 #include "serq_layout.h"
 
 namespace serq {
@@ -40,8 +41,5 @@ class SerqMatMulCpuKernel {
 
 // CreateKernelV2 implementation shared by the registered overloads.
 OrtStatusPtr CreateSerqMatMulCpuKernel(const OrtKernelInfo* info, void** op_kernel) noexcept;
-
-// Converts the exception being handled into an OrtStatus (call only inside a catch block).
-OrtStatusPtr StatusFromCurrentException(const char* context) noexcept;
 
 }  // namespace serq

@@ -4,13 +4,18 @@
 // SerqMatMul is registered once per (A type, act_perm type) pair: onnxruntime infers a custom
 // op's output type from the overload whose declared input types match the node, and only one
 // input of an op may be declared with an undefined ("any") type. Kernels for other execution
-// providers (CUDA) are added here as further ops with their own GetExecutionProviderType.
+// providers (CUDA, when built with SERQ_BUILD_CUDA) are further ops with their own
+// GetExecutionProviderType.
 #include <cstdio>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "op_common.h"
 #include "serq_matmul_cpu.h"
+#ifdef SERQ_WITH_CUDA
+#include "cuda/serq_matmul_cuda.h"
+#endif
 
 namespace serq {
 namespace {
@@ -19,21 +24,16 @@ constexpr const char* kDomain = "com.serq";
 constexpr const char* kOpName = "SerqMatMul";
 constexpr int kOpVersion = 1;
 
-enum InputIndex : size_t { kA = 0, kB, kScales, kWsum, kActScale, kActPerm, kBias, kNumInputs };
-
-template <ONNXTensorElementDataType kTypeA, ONNXTensorElementDataType kTypePerm>
-struct SerqMatMulCpuOp : Ort::CustomOpBase<SerqMatMulCpuOp<kTypeA, kTypePerm>, SerqMatMulCpuKernel, true> {
-  SerqMatMulCpuOp() {
+// Everything but the kernel and the execution provider is common to every overload, so the
+// CPU and CUDA ops have identical domain, version, inputs and type constraints.
+template <typename TOp, typename TKernel, ONNXTensorElementDataType kTypeA, ONNXTensorElementDataType kTypePerm>
+struct SerqMatMulOpBase : Ort::CustomOpBase<TOp, TKernel, true> {
+  SerqMatMulOpBase() {
     this->start_ver_ = kOpVersion;
     this->end_ver_ = kOpVersion;
   }
 
-  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
-    return CreateSerqMatMulCpuKernel(info, op_kernel);
-  }
-
   const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
 
   size_t GetInputTypeCount() const { return kNumInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
@@ -53,10 +53,40 @@ struct SerqMatMulCpuOp : Ort::CustomOpBase<SerqMatMulCpuOp<kTypeA, kTypePerm>, S
   ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return kTypeA; }
 };
 
+template <ONNXTensorElementDataType kTypeA, ONNXTensorElementDataType kTypePerm>
+struct SerqMatMulCpuOp : SerqMatMulOpBase<SerqMatMulCpuOp<kTypeA, kTypePerm>, SerqMatMulCpuKernel, kTypeA, kTypePerm> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
+    return CreateSerqMatMulCpuKernel(info, op_kernel);
+  }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+};
+
 SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64> g_cpu_f32_i64;
 SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32> g_cpu_f32_i32;
 SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64> g_cpu_f16_i64;
 SerqMatMulCpuOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32> g_cpu_f16_i32;
+
+#ifdef SERQ_WITH_CUDA
+template <ONNXTensorElementDataType kTypeA, ONNXTensorElementDataType kTypePerm>
+struct SerqMatMulCudaOp
+    : SerqMatMulOpBase<SerqMatMulCudaOp<kTypeA, kTypePerm>, cuda::SerqMatMulCudaKernel, kTypeA, kTypePerm> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
+    return cuda::CreateSerqMatMulCudaKernel(info, op_kernel,
+                                            kTypeA == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cuda::DType::kF16
+                                                                                             : cuda::DType::kF32,
+                                            kTypePerm == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+  }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  // Only A lives on the device: the weights are validated and repacked on the host (once, when
+  // they are constant initializers).
+  OrtMemType GetInputMemoryType(size_t index) const { return index == kA ? OrtMemTypeDefault : OrtMemTypeCPUInput; }
+};
+
+SerqMatMulCudaOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64> g_cuda_f32_i64;
+SerqMatMulCudaOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32> g_cuda_f32_i32;
+SerqMatMulCudaOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64> g_cuda_f16_i64;
+SerqMatMulCudaOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32> g_cuda_f16_i32;
+#endif
 
 // Domains must outlive every session that uses them; they are released when the library is
 // unloaded.
@@ -73,6 +103,13 @@ OrtStatus* Register(OrtSessionOptions* options) {
   domain.Add(&g_cpu_f32_i32);
   domain.Add(&g_cpu_f16_i64);
   domain.Add(&g_cpu_f16_i32);
+#ifdef SERQ_WITH_CUDA
+  // Registered even where no GPU exists: onnxruntime only asks a provider it has for kernels.
+  domain.Add(&g_cuda_f32_i64);
+  domain.Add(&g_cuda_f32_i32);
+  domain.Add(&g_cuda_f16_i64);
+  domain.Add(&g_cuda_f16_i32);
+#endif
   Ort::ThrowOnError(Ort::GetApi().AddCustomOpDomain(options, domain));
   KeepDomain(std::move(domain));
   return nullptr;
