@@ -105,61 +105,69 @@ SerqMatMulCudaKernel::SerqMatMulCudaKernel(const OrtKernelInfo* info_ptr, DType 
   d_ = GetDriver(&why);
   if (!d_) throw OpError("the CUDA kernel cannot run: " + why);
 
-  Ort::ThrowOnError(api.KernelInfoGetAllocator(info_ptr, OrtMemTypeDefault, &alloc_));
-  mem_info_ = alloc_->Info(alloc_);
-  const char* mem_name = nullptr;
-  Ort::ThrowOnError(api.MemoryInfoGetName(mem_info_, &mem_name));
-  if (!mem_name || std::strcmp(mem_name, "Cuda") != 0) {
-    throw OpError(std::string("the CUDA kernel was given a '") + (mem_name ? mem_name : "?") +
-                  "' allocator, not onnxruntime's CUDA device allocator");
-  }
-  Ort::ThrowOnError(api.MemoryInfoGetId(mem_info_, &device_id_));
-  d_->Check(d_->DeviceGet(&dev_, device_id_), "cuDeviceGet");
-  int major = 0, minor = 0;
-  d_->Check(d_->DeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev_), "cuDeviceGetAttribute");
-  d_->Check(d_->DeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev_), "cuDeviceGetAttribute");
-  arch_ = SelectArch(major, minor, &why);
-  if (!arch_) throw OpError(why + " (CUDA device " + std::to_string(device_id_) + ")");
-  d_->Check(d_->DevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
-  fns_ = std::make_unique<FunctionSet>(*d_, ctx_);
-
-  ScopedContext scope(*d_, ctx_);
-  if (validated_[kB] && validated_[kScales]) {
-    const auto* B = static_cast<const uint8_t*>(c[kB].data);
-    const auto* S = static_cast<const float*>(c[kScales].data);
-    if (g_.fast) {
-      const FastWeights w = RepackFast(L_, g_, B, S);
-      const_addr_[kBufBp] = UploadConstant(w.Bp.data(), w.Bp.size());
-      const_addr_[kBufSw] = UploadConstant(w.sw.data(), w.sw.size() * sizeof(float));
-      const_addr_[kBufWs] = UploadConstant(w.ws.data(), w.ws.size() * sizeof(int32_t));
-    } else {
-      const_addr_[kBufB] = UploadConstant(B, static_cast<size_t>(L_.a.N * L_.b_row_bytes));
-      const_addr_[kBufScales] = UploadConstant(S, static_cast<size_t>(L_.a.N * L_.n_wgroups) * sizeof(float));
+  // A constructor that throws runs no destructor: hand back what was acquired so far.
+  try {
+    Ort::ThrowOnError(api.KernelInfoGetAllocator(info_ptr, OrtMemTypeDefault, &alloc_));
+    mem_info_ = alloc_->Info(alloc_);
+    const char* mem_name = nullptr;
+    Ort::ThrowOnError(api.MemoryInfoGetName(mem_info_, &mem_name));
+    if (!mem_name || std::strcmp(mem_name, "Cuda") != 0) {
+      throw OpError(std::string("the CUDA kernel was given a '") + (mem_name ? mem_name : "?") +
+                    "' allocator, not onnxruntime's CUDA device allocator");
     }
-    weights_const_ = true;
-  }
-  if (validated_[kActPerm]) {
-    const size_t es = c[kActPerm].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? 8 : 4;
-    const_addr_[kBufActPerm] = UploadConstant(c[kActPerm].data, static_cast<size_t>(L_.a.K) * es);
-  }
-  if (validated_[kActScale]) {
-    const_addr_[kBufActScale] = UploadConstant(c[kActScale].data, static_cast<size_t>(L_.a.K) * sizeof(float));
-  }
-  if (validated_[kBias]) {
-    const_addr_[kBufBias] = UploadConstant(c[kBias].data, static_cast<size_t>(L_.a.N) * sizeof(float));
-  }
+    Ort::ThrowOnError(api.MemoryInfoGetId(mem_info_, &device_id_));
+    d_->Check(d_->DeviceGet(&dev_, device_id_), "cuDeviceGet");
+    int major = 0, minor = 0;
+    d_->Check(d_->DeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev_), "cuDeviceGetAttribute");
+    d_->Check(d_->DeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev_), "cuDeviceGetAttribute");
+    arch_ = SelectArch(major, minor, &why);
+    if (!arch_) throw OpError(why + " (CUDA device " + std::to_string(device_id_) + ")");
+    d_->Check(d_->DevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
+    fns_ = std::make_unique<FunctionSet>(*d_, ctx_);
 
-  // Load every cubin this node can reach now, so that runs (and CUDA graph captures) only launch.
-  for (const KernelEntry* e : ReachableEntries(L_, g_, spec_, arch_)) fns_->Get(e);
-  if (Verbose()) {
-    std::fprintf(stderr, "SerqMatMul CUDA: K=%lld N=%lld rank=%lld block=%lld bits_w=%lld: %s path, sm_%d cubins on device %d (cc %d.%d)\n",
-                 static_cast<long long>(L_.a.K), static_cast<long long>(L_.a.N), static_cast<long long>(L_.a.rank),
-                 static_cast<long long>(L_.block), static_cast<long long>(L_.a.bits_w), g_.fast ? "fast" : "generic",
-                 arch_, device_id_, major, minor);
+    ScopedContext scope(*d_, ctx_);
+    if (validated_[kB] && validated_[kScales]) {
+      const auto* B = static_cast<const uint8_t*>(c[kB].data);
+      const auto* S = static_cast<const float*>(c[kScales].data);
+      if (g_.fast) {
+        const FastWeights w = RepackFast(L_, g_, B, S);
+        const_addr_[kBufBp] = UploadConstant(w.Bp.data(), w.Bp.size());
+        const_addr_[kBufSw] = UploadConstant(w.sw.data(), w.sw.size() * sizeof(float));
+        const_addr_[kBufWs] = UploadConstant(w.ws.data(), w.ws.size() * sizeof(int32_t));
+      } else {
+        const_addr_[kBufB] = UploadConstant(B, static_cast<size_t>(L_.a.N * L_.b_row_bytes));
+        const_addr_[kBufScales] = UploadConstant(S, static_cast<size_t>(L_.a.N * L_.n_wgroups) * sizeof(float));
+      }
+      weights_const_ = true;
+    }
+    if (validated_[kActPerm]) {
+      const size_t es = c[kActPerm].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? 8 : 4;
+      const_addr_[kBufActPerm] = UploadConstant(c[kActPerm].data, static_cast<size_t>(L_.a.K) * es);
+    }
+    if (validated_[kActScale]) {
+      const_addr_[kBufActScale] = UploadConstant(c[kActScale].data, static_cast<size_t>(L_.a.K) * sizeof(float));
+    }
+    if (validated_[kBias]) {
+      const_addr_[kBufBias] = UploadConstant(c[kBias].data, static_cast<size_t>(L_.a.N) * sizeof(float));
+    }
+
+    // Load every cubin this node can reach now, so that runs (and CUDA graph captures) only launch.
+    for (const KernelEntry* e : ReachableEntries(L_, g_, spec_, arch_)) fns_->Get(e);
+    if (Verbose()) {
+      std::fprintf(stderr, "SerqMatMul CUDA: K=%lld N=%lld rank=%lld block=%lld bits_w=%lld: %s path, sm_%d cubins on device %d (cc %d.%d)\n",
+                   static_cast<long long>(L_.a.K), static_cast<long long>(L_.a.N), static_cast<long long>(L_.a.rank),
+                   static_cast<long long>(L_.block), static_cast<long long>(L_.a.bits_w), g_.fast ? "fast" : "generic",
+                   arch_, device_id_, major, minor);
+    }
+  } catch (...) {
+    Release();
+    throw;
   }
 }
 
-SerqMatMulCudaKernel::~SerqMatMulCudaKernel() {
+SerqMatMulCudaKernel::~SerqMatMulCudaKernel() { Release(); }
+
+void SerqMatMulCudaKernel::Release() noexcept {
   try {
     if (d_ && ctx_) {
       ScopedContext scope(*d_, ctx_);
@@ -169,9 +177,12 @@ SerqMatMulCudaKernel::~SerqMatMulCudaKernel() {
   }
   if (alloc_) {
     for (void* p : owned_) alloc_->Free(alloc_, p);
+    owned_.clear();
     Ort::GetApi().ReleaseAllocator(alloc_);
+    alloc_ = nullptr;
   }
   if (d_ && ctx_) d_->DevicePrimaryCtxRelease(dev_);
+  ctx_ = nullptr;
 }
 
 CUdeviceptr SerqMatMulCudaKernel::UploadConstant(const void* host, size_t bytes) {

@@ -35,6 +35,7 @@ class SerqMatMulCudaKernel {
 
  private:
   void Compute(OrtKernelContext* context);
+  void Release() noexcept;
   CUdeviceptr UploadConstant(const void* host, size_t bytes);
   std::shared_ptr<const CallPlan> PlanFor(int64_t M, const NodeSpec& s);
 
