@@ -15,6 +15,7 @@ from .permute_weights import PermuteWeightsPass
 from .quantize import QuantizeWeightsPass
 from .replace_matmul import ReplaceMatMulPass
 from .salient import SalientReconstructionPass
+from .untie_lm_head import UntieLMHeadPass
 from .verify_fold import VerifyFoldPass
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "QuantizeWeightsPass",
     "ReplaceMatMulPass",
     "SalientReconstructionPass",
+    "UntieLMHeadPass",
     "VerifyFoldPass",
 ]

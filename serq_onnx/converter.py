@@ -122,7 +122,13 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     plan = Plan(config)
+    if config.lm_head != "float":
+        passes.UntieLMHeadPass()(ir_model)
     passes.FindTargetsPass(plan)(ir_model)
+    if config.lm_head != "float" and not any(t.role == "lm_head" for t in plan.targets):
+        raise SerqError(f"--lm-head {config.lm_head}: the model's logits do not come from a "
+                        "MatMul with a constant (or transposed constant) weight; use "
+                        "--lm-head float")
     ranks = _effective_ranks(plan, log)
 
     if calib_ids is not None:

@@ -44,3 +44,22 @@ def test_int8_lm_head(tiny_llama, tmp_path):
 def test_unknown_lm_head_mode(tiny_llama, tmp_path):
     with pytest.raises(SerqError, match="--lm-head"):
         convert(tiny_llama.onnx_path, tmp_path / "x", lm_head="int4", **SMALL)
+
+
+def test_int8_head_without_a_constant_weight_is_refused(tmp_path):
+    import onnx
+    import onnx.parser
+    from onnx import numpy_helper
+
+    proto = onnx.parser.parse_model("""<ir_version: 10, opset_import: ["" : 18]>
+    g (float[1, 2, 8] x, float[8, 5] w) => (float[1, 2, 5] logits, float[1, 2, 6] y) {
+      logits = MatMul(x, w)
+      h = MatMul(x, W)
+      y = Relu(h)
+    }""")
+    proto.graph.initializer.append(numpy_helper.from_array(np.ones((8, 6), np.float32), "W"))
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    with pytest.raises(SerqError, match="--lm-head int8: the model's logits"):
+        convert(path, tmp_path / "out", lm_head="int8", **SMALL)
+    assert not (tmp_path / "out").exists()
