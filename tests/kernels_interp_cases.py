@@ -2,7 +2,11 @@
 
 Activation codes, scales and zero points must be bit-identical to
 ``reference.quantize_activations``; GEMM outputs must lie within a float32 rounding bound of the
-float64 reference (see :func:`_tolerance`).
+float64 reference (``kernel_tolerance``). Run by ``test_kernels_interp.py`` in a child process
+with ``TRITON_INTERPRET=1`` set before Triton is imported: Triton decorates its own standard
+library (``tl.max``, ...) and the kernels for the interpreter only if the variable is set when
+they are defined, and an interpreted Triton cannot also compile, so the two never share a
+process.
 """
 
 from __future__ import annotations
@@ -10,17 +14,12 @@ from __future__ import annotations
 import os
 import sys
 
-# Before Triton is first imported: its standard library (tl.max, ...) and the kernels are
-# decorated for the interpreter only if the variable is set when they are defined.
-_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-if _TRITON_PRELOADED:
-    pytest.skip("triton was imported before TRITON_INTERPRET was set; run this file alone",
-                allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1" or "triton" in sys.modules:
+    pytest.skip("needs a process that sets TRITON_INTERPRET=1 before importing triton "
+                "(test_kernels_interp.py runs this file so)", allow_module_level=True)
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
