@@ -7,8 +7,9 @@
   ``serq::cuda::Quantities``, and one entry per (variant, arch) with its launch metadata;
 * ``serq_cuda_cubins.S``: every cubin, byte for byte, through ``.incbin`` (fast to assemble,
   no giant array literals);
-* ``serq_cuda_index.json``: name, arch, size and sha256 of every embedded cubin (installed
-  beside the library so that tests can check the embedding against an AOT build).
+* ``serq_cuda_index.json``: name, arch, size and sha256 of every embedded cubin, and the
+  cache key of the sources they were built from (installed beside the library so that tests
+  can check the embedding against an AOT build).
 
 The plan's expressions are a restricted Python subset (see ``kernels/plan.py``); they are
 translated with :mod:`ast`, and anything the C++ side does not know (a new name, operator or
@@ -324,8 +325,10 @@ def generate(manifest_path: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "serq_cuda_tables.cc").write_text("\n".join(L) + "\n")
     (out / "serq_cuda_cubins.S").write_text("\n".join(S) + "\n")
+    key_file = root / "key"  # scripts/aot_cached.py: the hash of the sources built
+    key = key_file.read_text().strip() if key_file.is_file() else None
     (out / "serq_cuda_index.json").write_text(
-        json.dumps({"archs": m["archs"], "cubins": index}, indent=1) + "\n")
+        json.dumps({"aot_key": key, "archs": m["archs"], "cubins": index}, indent=1) + "\n")
 
 
 def main(argv=None) -> int:

@@ -117,12 +117,17 @@ def _aot_entry(index: dict) -> Path:
     return cache / "aot" / aot_cached.cache_key(ROOT, ",".join(map(str, index["archs"])))
 
 
+def _skip_if_stale(index: dict, entry: Path) -> None:
+    if index.get("aot_key") != entry.name:
+        pytest.skip(f"the installed library was built from other kernels/ sources (key "
+                    f"{index.get('aot_key')}, sources now {entry.name}): reinstall to test it")
+
+
 def test_embedded_cubins_are_exactly_the_aot_build(cuda_library, index):
     pytest.importorskip("triton")
     entry = _aot_entry(index)
-    if not (entry / "manifest.json").is_file():
-        pytest.skip(f"no AOT build of the current kernels/ in {entry} (the library is older "
-                    "than the kernels: reinstall)")
+    _skip_if_stale(index, entry)
+    assert (entry / "manifest.json").is_file(), f"the AOT build {entry} is not in the cache"
     manifest = json.loads((entry / "manifest.json").read_text())
     assert sorted((c["name"], c["arch"]) for c in index["cubins"]) == \
         sorted((e["name"], e["arch"]) for e in manifest["kernels"])
@@ -140,6 +145,7 @@ def test_cubins_equal_a_fresh_compile(cuda_library, index, tmp_path):
     """Two variants compiled again now by the AOT build (not from this project's cache) are byte
     for byte what the library embeds, for sm_80 and sm_90: an activation quantization and a GEMM."""
     pytest.importorskip("triton")
+    _skip_if_stale(index, _aot_entry(index))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "kernels.aot", "--out", str(tmp_path), "--arch", "80,90",
                         "--only", "^(act_quant_fp16_permi32_ch128|gemm_decode_u128_fp16)$"],
