@@ -172,3 +172,23 @@ def test_cuda_provider_falls_back_to_cpu(cuda_library, dtype):
     assert y.dtype == dtype and y.shape == (3, 7, 48)
     err = np.abs(y.astype(np.float64) - reference64(case, A))
     assert (err <= tolerance(case, A, dtype)).all(), err.max()
+
+
+def test_cuda_build_without_triton_fails_clearly(tmp_path):
+    """Asked for the CUDA part without what it needs, the build stops with the reason instead
+    of producing a library without it."""
+    cmake = shutil.which("cmake") or str(Path(sys.executable).with_name("cmake"))
+    ort_inc = os.environ.get("ORT_INCLUDE_DIR") or (
+        (ROOT / ".cache" / "ort-include").read_text().strip()
+        if (ROOT / ".cache" / "ort-include").is_file() else "")
+    if not Path(cmake).exists() or not ort_inc:
+        pytest.skip("cmake or the onnxruntime headers (.cache/ort-include) not available")
+    no_triton = tmp_path / "python-without-triton"
+    no_triton.write_text("#!/bin/sh\necho 'ModuleNotFoundError: triton' >&2\nexit 1\n")
+    no_triton.chmod(0o755)
+    r = subprocess.run([cmake, "-S", str(ROOT), "-B", str(tmp_path / "b"), "-DSERQ_BUILD_CUDA=ON",
+                        f"-DORT_INCLUDE_DIR={ort_inc}", f"-DPython_EXECUTABLE={no_triton}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "SERQ_BUILD_CUDA=ON needs triton" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "b" / "build.ninja").exists() and not (tmp_path / "b" / "Makefile").exists()
