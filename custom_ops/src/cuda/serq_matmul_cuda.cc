@@ -229,17 +229,17 @@ void SerqMatMulCudaKernel::Compute(OrtKernelContext* context) {
     throw OpError("internal error: act_perm's type differs from the kernel's");
   }
 
-  // Value checks of host-side inputs that were not the validated constants.
-  const bool fed_weights = !weights_const_ || in[kB].data != validated_[kB] || in[kScales].data != validated_[kScales] ||
-                           in[kWsum].data != validated_[kWsum];
+  // Constant initializers were validated and uploaded at creation and cannot change; inputs fed
+  // at run time are checked (and uploaded below) on every call.
+  const bool fed_weights = !weights_const_;
   if (fed_weights) {
     CheckScales(L_, static_cast<const float*>(in[kScales].data));
     CheckWsum(L_, static_cast<const uint8_t*>(in[kB].data), static_cast<const int32_t*>(in[kWsum].data));
   }
-  const bool fed_perm = s.has_perm && in[kActPerm].data != validated_[kActPerm];
+  const bool fed_perm = s.has_perm && !validated_[kActPerm];
   if (fed_perm) CheckPerm(in[kActPerm].data, spec_.perm_i64, L_.a.K);
-  const bool fed_scale = s.has_scale && in[kActScale].data != validated_[kActScale];
-  const bool fed_bias = s.has_bias && in[kBias].data != validated_[kBias];
+  const bool fed_scale = s.has_scale && !validated_[kActScale];
+  const bool fed_bias = s.has_bias && !validated_[kBias];
 
   std::vector<int64_t> out_shape(in[kA].shape.begin(), in[kA].shape.end() - 1);
   out_shape.push_back(L_.a.N);

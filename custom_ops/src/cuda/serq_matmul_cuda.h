@@ -54,7 +54,7 @@ class SerqMatMulCudaKernel {
   // kBufActPerm, kBufActScale, kBufBias), 0 where the input is fed per call or absent.
   CUdeviceptr const_addr_[kNumFixedBufs] = {};
   bool weights_const_ = false;
-  const void* validated_[kNumInputs] = {};  // host data that passed the value checks at creation
+  const void* validated_[kNumInputs] = {};  // constant host data, checked and uploaded at creation
   std::unique_ptr<FunctionSet> fns_;
   std::mutex plan_mu_;
   std::map<std::pair<int64_t, int>, std::shared_ptr<const CallPlan>> plans_;
