@@ -30,7 +30,7 @@ triton = pytest.importorskip("triton")
 if shutil.which("g++") is None:
     pytest.skip("g++ is needed to build the CUDA host-logic probe", allow_module_level=True)
 
-from serq_onnx.kernels import aot, launch, plan  # noqa: E402
+from serq_onnx.kernels import configs, launch, plan  # noqa: E402
 from serq_onnx.kernels.layout import KernelLayout  # noqa: E402
 from serq_onnx.kernels.repack import repack_fast  # noqa: E402
 
@@ -153,7 +153,9 @@ def _cases() -> list[tuple]:
         (256, 64, 32, 32, 32, 8, 8), (100, 30, 10, 16, 16, 4, 8), (90, 20, 6, 6, 2, 4, 4),
         (300, 50, 60, 20, 40, 8, 4),
     ]
-    ms = (1, 2, 7, 16, 17, 64, 65, 300, 2048)
+    # both sides of every shape-class bound, and prefill sizes
+    bounds = [c.m_max for c in configs.GEMM_CONFIGS if c.m_max]
+    ms = sorted({1, 2, 7, 300, 2048, *bounds, *(b + 1 for b in bounds)})
     flags = [("fp32", "none", 0, 0), ("fp16", "i64", 1, 1), ("fp16", "i32", 0, 1),
              ("fp32", "i32", 1, 0)]
     out = []
