@@ -81,3 +81,19 @@ fuzz: setup
 	@echo "fuzz: $(FUZZ_EXAMPLES) examples, $(FUZZ_MUTATIONS) mutations, seed $(FUZZ_SEED) (rerun: make fuzz FUZZ_SEED=$(FUZZ_SEED))"
 	SERQ_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SERQ_FUZZ_SEED=$(FUZZ_SEED) SERQ_MALFORMED_MUTATIONS=$(FUZZ_MUTATIONS) \
 	  $(BIN)/pytest -q -rs tests/test_op_fuzz.py tests/test_op_malformed.py
+
+# The GPU check (docs/gpu-check.md). make gpu-prep: what the GPU machine needs, into .gpu/
+# (ignored): onnxruntime-gpu in checked parts, the built package, the benchmark's models, and the
+# plan of device calls, printed. make gpu-dry-run: every step of those calls rehearsed here,
+# stopping where a GPU is needed. make gpu-check: the last call's work, run on the GPU machine
+# once the parts are there.
+.PHONY: gpu-prep gpu-dry-run gpu-check
+
+gpu-prep: setup
+	$(BIN)/python scripts/gpu_check.py prep
+
+gpu-dry-run: gpu-prep
+	$(BIN)/python scripts/gpu_check.py dry-run
+
+gpu-check:
+	PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py run

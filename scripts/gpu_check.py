@@ -43,6 +43,7 @@ MARGIN = 2 * 2**20  # room for files other engineers add to the tree meanwhile
 PART_SIZE = 58 * 2**20
 RUN_BUDGET = 420  # seconds inside the 600 s call limit, for install + tests + benchmark
 PYTEST_LIMIT = 150
+REHEARSAL_DEPS = ["numpy", "flatbuffers", "packaging", "protobuf"]
 GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_cuda_ep_gpu.py"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64"]
@@ -65,14 +66,25 @@ def download(dest: Path, spec: str = ORT_GPU) -> Path:
     found = sorted(dest.glob(f"{name}-{spec.split('==')[1]}-cp312-*.whl"))
     if not found:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.12", "--implementation", "cp", "-d", str(dest), spec]
+               "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
         for p in PLATFORMS:
-            cmd[6:6] = ["--platform", p]
-        subprocess.run(cmd, check=True)
+            cmd += ["--platform", p]
+        subprocess.run(cmd + [spec], check=True)
         found = sorted(dest.glob(f"{name}-*-cp312-*.whl"))
     if len(found) != 1:
         raise SystemExit(f"expected one {spec} wheel in {dest}, found {found}")
     return found[0]
+
+
+def download_rehearsal_deps(dest: Path) -> None:
+    """cp312 wheels of onnxruntime's own needs, for the dry run's Python 3.12 only."""
+    if len(list(dest.glob("*.whl"))) >= len(REHEARSAL_DEPS):
+        return
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
+    for p in PLATFORMS:
+        cmd += ["--platform", p]
+    subprocess.run(cmd + REHEARSAL_DEPS, check=True)
 
 
 def copy_package(dest: Path) -> Path:
@@ -151,11 +163,19 @@ def prep(args) -> None:
     BUNDLE.mkdir(parents=True, exist_ok=True)
     pkg = copy_package(BUNDLE / "pkg")
     log(f"package {pkg}: {mib(path_size(pkg))}")
+    py312 = find_python312()
+    if py312:  # the dry run imports the wheel under Python 3.12, which needs these beside it
+        download_rehearsal_deps(PREP / "dl-rehearse")
     if not args.skip_models:
         import gpu_models
 
+        config = Path(args.smollm2_config)
+        if not config.is_file():
+            from serq_onnx.data import smollm2_hf_dir
+
+            config = smollm2_hf_dir() / "config.json"
         t = time.perf_counter()
-        gpu_models.build(PREP / "models", Path(args.smollm2_config), log=log)
+        gpu_models.build(PREP / "models", config, log=log)
         packed = pack_models(PREP / "models", BUNDLE)
         log(f"models packed: {mib(packed.stat().st_size)} ({time.perf_counter() - t:.0f} s)")
     calls = plan_calls(manifest, tree_size())
