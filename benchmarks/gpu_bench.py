@@ -242,17 +242,24 @@ def bench_layers(res: Results, shapes, ms, budget: Budget, *, min_seconds: float
                 continue
             res.notes.append(f"session {K}x{N} {name}: {time.perf_counter() - t:.1f} s to create")
         for M in ms:
-            a = device_value(rng.standard_normal((M, K)).astype(np.float16), res.provider)
+            a = device_value(rng.standard_normal((M, K), dtype=np.float32).astype(np.float16),
+                             res.provider)
             for name, sess in sessions.items():
                 if not budget.fits(5 + 3 * min_seconds):
                     res.skipped.append(f"layers {K}x{N} M={M} {name} (time budget)")
                     continue
-                io = sess.io_binding()
-                io.bind_ortvalue_input("A", a)
-                io.bind_ortvalue_output("Y", empty_value((M, N), np.float16, res.provider))
-                t_ms, runs = time_binding(sess, io, min_seconds)
+                try:
+                    io = sess.io_binding()
+                    io.bind_ortvalue_input("A", a)
+                    io.bind_ortvalue_output("Y", empty_value((M, N), np.float16, res.provider))
+                    t_ms, runs = time_binding(sess, io, min_seconds)
+                except Exception as e:  # one failing kernel must not cost the others' figures
+                    res.skipped.append(f"layers {K}x{N} M={M} {name}: "
+                                       f"{str(e).splitlines()[0][:200]}")
+                    continue
                 res.add(section="layer", K=K, N=N, M=M, kernel=name, ms=t_ms, runs=runs,
                         path=path, device=res.device)
+            checkpoint(res)
         del sessions
 
 
@@ -287,6 +294,7 @@ def bench_graphs(res: Results, shapes, ms, budget: Budget, *, min_seconds: float
                         continue
                     res.add(section="graph", K=K, N=N, M=M, kernel=name, graph=graph, ms=t_ms,
                             runs=runs, path="onnxruntime", device=res.device)
+            checkpoint(res)
 
 
 def _feeds_on_device(spec, ids: np.ndarray, past_len: int, past, provider: str) -> dict:
@@ -414,9 +422,15 @@ def bench_triton(res: Results, shapes, ms, budget: Budget, *, min_seconds: float
             for label, (dw, perm) in prepared.items():
                 fns[label] = lambda dw=dw, perm=perm: launch.serq_matmul(a, dw, act_perm=perm)
             for label, fn in fns.items():
-                t_ms, runs = _time_torch(fn, dev, min_seconds)
+                try:
+                    t_ms, runs = _time_torch(fn, dev, min_seconds)
+                except Exception as e:
+                    res.skipped.append(f"triton {K}x{N} M={M} {label}: "
+                                       f"{str(e).splitlines()[0][:200]}")
+                    continue
                 res.add(section="triton", K=K, N=N, M=M, kernel=label, ms=t_ms, runs=runs,
                         path="triton+torch", device=res.device)
+            checkpoint(res)
 
 
 def _time_torch(fn, dev: str, min_seconds: float):
@@ -533,6 +547,15 @@ def format_markdown(res: Results) -> str:
     return "\n".join(out)
 
 
+_CHECKPOINT: list[Path] = []
+
+
+def checkpoint(res: Results) -> None:
+    """Write what is measured so far, so a run killed at its limit still reports it."""
+    if _CHECKPOINT:
+        write(res, _CHECKPOINT[0])
+
+
 def write(res: Results, out_dir: Path, stem: str = "gpu_bench") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
@@ -551,6 +574,7 @@ def run(args) -> Results:
     ms = REHEARSE_MS if args.rehearse else LLAMA3_MS
     models = Path(args.models) if args.models else None
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    _CHECKPOINT[:] = [Path(args.out)]
     for step in steps:
         t = time.perf_counter()
         if step == "correctness" and models:
