@@ -156,9 +156,21 @@ def plan_calls(manifest: dict, tree: int) -> list[dict]:
 
 def prep(args) -> None:
     t0 = time.perf_counter()
-    wheel = download(PREP / "dl")
-    log(f"wheel {wheel.name}: {mib(wheel.stat().st_size)} ({time.perf_counter() - t0:.0f} s)")
+    original = download(PREP / "dl")
+    log(f"wheel {original.name}: {mib(original.stat().st_size)} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    wheel = PREP / "wheel" / original.name
+    stamp = PREP / "wheel" / "source.sha256"
+    source_sha = gpu_parts.sha256_file(original)
+    if not wheel.is_file() or not stamp.is_file() or stamp.read_text().strip() != source_sha:
+        t = time.perf_counter()
+        gpu_parts.repack_lzma(original, wheel)
+        stamp.write_text(source_sha + "\n")
+        log(f"recompressed with LZMA: {mib(wheel.stat().st_size)} "
+            f"({time.perf_counter() - t:.0f} s; same members, compared)")
     manifest = gpu_parts.split(wheel, PARTS, args.part_mib * 2**20)
+    manifest["source_sha256"] = source_sha
+    (PARTS / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"split into {len(manifest['parts'])} parts of at most {args.part_mib} MiB")
     BUNDLE.mkdir(parents=True, exist_ok=True)
     pkg = copy_package(BUNDLE / "pkg")
@@ -353,7 +365,8 @@ def run(args, store: Path = STORE) -> int:
              "sha256 matches")
         t = time.perf_counter()
         install(wheel, site, args.install_python or args.python)
-        step("install", "ok", t, f"pip --target {site}")
+        n = gpu_parts.verify_record(wheel, site)
+        step("install", "ok", t, f"pip --target {site}; {n} files match the wheel's RECORD")
         ort_ok = True
     except Exception as e:  # noqa: BLE001 -- any failure here means: take the Triton path
         step("assemble/install", "failed", t, f"{type(e).__name__}: {e}")

@@ -106,3 +106,51 @@ def assemble(manifest: dict, store: Path, out: Path) -> Path:
     if sha256_file(out) != manifest["sha256"]:
         raise PartError(f"assembled {out.name}: sha256 differs from the manifest")
     return out
+
+
+def repack_lzma(src: Path, out: Path) -> Path:
+    """``src`` (a wheel) with every member recompressed with LZMA instead of deflate: the same
+    files and RECORD, a fifth smaller for onnxruntime-gpu's CUDA library, and still a wheel pip
+    installs. Every member is read back and compared before the repack is kept."""
+    import zipfile
+
+    src, out = Path(src), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(tmp, "w", zipfile.ZIP_LZMA) as zo:
+        for info in zi.infolist():
+            zo.writestr(info, zi.read(info), compress_type=zipfile.ZIP_LZMA)
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(tmp) as b:
+        if a.namelist() != b.namelist():
+            raise PartError(f"repack of {src.name} lists other members")
+        for name in a.namelist():
+            if hashlib.sha256(a.read(name)).digest() != hashlib.sha256(b.read(name)).digest():
+                raise PartError(f"repack of {src.name}: {name} differs")
+    tmp.replace(out)
+    return out
+
+
+def verify_record(wheel: Path, site: Path) -> int:
+    """Check the files installed from ``wheel`` into ``site`` against the sha256s of the
+    wheel's own RECORD; returns how many were checked."""
+    import base64
+    import csv
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        rows = list(csv.reader(io.StringIO(z.read(record).decode())))
+    checked = 0
+    for path, digest, *_ in rows:
+        if not digest:
+            continue
+        algo, _, want = digest.partition("=")
+        f = Path(site) / path
+        if algo != "sha256" or not f.is_file():
+            raise PartError(f"{path}: not installed, or no sha256 in RECORD")
+        got = base64.urlsafe_b64encode(bytes.fromhex(sha256_file(f))).rstrip(b"=").decode()
+        if got != want:
+            raise PartError(f"{path}: installed file differs from the wheel's RECORD")
+        checked += 1
+    return checked

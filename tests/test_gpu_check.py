@@ -84,6 +84,39 @@ def test_whole_file_hash_is_checked_after_assembly(fake_wheel, tmp_path):
         gpu_parts.assemble(bad, tmp_path / "s", tmp_path / "w.whl")
 
 
+def _fake_wheel_zip(path: Path) -> dict[str, bytes]:
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {"pkg/__init__.py": b"x = 1\n" * 200, "pkg/lib.so": bytes(range(256)) * 40}
+    rows = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+            for n, d in files.items()] + ["pkg-1.0.dist-info/RECORD,,"]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for n, d in files.items():
+            z.writestr(n, d)
+        z.writestr("pkg-1.0.dist-info/RECORD", "\n".join(rows) + "\n")
+    return files
+
+
+def test_lzma_repack_keeps_every_member_and_the_record_catches_a_changed_file(tmp_path):
+    import zipfile
+
+    files = _fake_wheel_zip(tmp_path / "pkg-1.0-py3-none-any.whl")
+    out = gpu_parts.repack_lzma(tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "r" / "p.whl")
+    with zipfile.ZipFile(out) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_LZMA}
+        assert {n: z.read(n) for n in files} == files
+        z.extractall(tmp_path / "site")
+    assert gpu_parts.verify_record(out, tmp_path / "site") == len(files)
+    (tmp_path / "site" / "pkg" / "lib.so").write_bytes(b"changed")
+    with pytest.raises(gpu_parts.PartError, match="lib.so"):
+        gpu_parts.verify_record(out, tmp_path / "site")
+    (tmp_path / "site" / "pkg" / "lib.so").unlink()
+    with pytest.raises(gpu_parts.PartError, match="not installed"):
+        gpu_parts.verify_record(out, tmp_path / "site")
+
+
 def test_call_plan_carries_one_part_per_call_and_the_bundle_last():
     import gpu_check
 
@@ -169,7 +202,7 @@ def test_cpu_rehearsal_runs_every_onnxruntime_code_path(carried_models, tmp_path
     assert layer == {(k, m) for k in kernels for m in (1, 5)}
     assert all(r["ms"] > 0 for r in res.rows if "ms" in r)
     corr = [r for r in res.rows if r["section"] == "correctness"]
-    assert len(corr) == 2 and all(r["rel_rms"] == 0 for r in corr)  # CPU against itself
+    assert len(corr) == 2 and all(r["rel_rms"] == 0 and r["within"] for r in corr)  # CPU vs CPU
     phases = {(r["model"], r["phase"]) for r in res.rows if r["section"] == "model"}
     assert len(phases) == 4 and any("decode" in p for _, p in phases)
     assert res.skipped == ["cuda graphs: all (they need the CUDA execution provider)"]
