@@ -32,6 +32,7 @@ LLAMA3_MS = [1, 16, 256, 2048, 8192]
 REHEARSE_SHAPES = [(256, 128), (128, 64)]
 REHEARSE_MS = [1, 16, 64]
 REHEARSE_TRITON = ([(64, 32)], [1, 3])  # Triton's interpreter is slow
+IR_VERSION = 10
 FPA_ENV = "ORT_FPA_INTB_GEMM"
 # CUDA against CPU logits, as tests/test_cuda_ep_gpu.py's whole-model test states them.
 CORRECT = {"rel_rms": 1e-3, "top1": 0.98}
@@ -81,7 +82,8 @@ def _model(node, inits: dict, K: int, N: int, domain: str | None) -> bytes:
     graph = helper.make_graph([node], "gpu_bench", [a], [y],
                               initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
     opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    # An IR version every onnxruntime since 1.17 reads (newer onnx writes one 1.31 refuses).
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION).SerializeToString()
 
 
 def fp16_matmul(w: np.ndarray) -> bytes:

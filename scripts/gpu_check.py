@@ -272,7 +272,8 @@ g = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["Y"])], "p",
     [helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, 2]),
      helper.make_tensor_value_info("B", TensorProto.FLOAT, [2, 2])],
     [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 2])])
-m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)],
+                      ir_version=10).SerializeToString()
 try:
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -468,12 +469,16 @@ def dry_run(args) -> int:
                 subprocess.run([py312, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                 "--disable-pip-version-check", "--target", str(site),
                                 *map(str, deps)], check=True)
-            tiny = store / "models" / "tiny-llama" / "fp16" / "model.onnx"
-            imp = subprocess.run([py312, "-c", IMPORT_CHECK, str(tiny)],
+            op_model = write_op_model(store / "op.onnx")
+            lib = store / "pkg" / "serq_onnx" / "lib" / "libserq_onnx_ops.so"
+            carried = sorted(map(str, (store / "models").glob("*/*/model.onnx")))
+            imp = subprocess.run([py312, "-c", IMPORT_CHECK, str(op_model), str(lib), *carried],
                                  env={**os.environ, "PYTHONPATH": str(site)},
                                  capture_output=True, text=True)
             log(f"onnxruntime-gpu under Python 3.12: "
                 f"{imp.stdout.strip() or imp.stderr.strip()[-400:]}")
+            if "FAILS" in imp.stdout or imp.returncode:
+                rc = 1
             comp = subprocess.run([py312, "-m", "compileall", "-q", str(store / "pkg")],
                                   capture_output=True, text=True)
             log(f"package byte-compiles under Python 3.12: {comp.returncode == 0}")
@@ -501,14 +506,36 @@ def dry_run(args) -> int:
 
 
 IMPORT_CHECK = r"""
-import sys, onnxruntime as o
+import sys, numpy as np, onnxruntime as o
 print(o.__version__, o.get_available_providers())
+so = o.SessionOptions()
+so.register_custom_ops_library(sys.argv[2])
 try:
-    s = o.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    print("CUDA session here runs on", s.get_providers())
+    s = o.InferenceSession(sys.argv[1], so,
+                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    y = s.run(None, {"A": np.ones((3, 256), np.float16)})[0]
+    print("the op library loads; a SerqMatMul session runs on", s.get_providers(), y.shape)
 except Exception as e:
-    print("CUDA session here fails:", str(e).splitlines()[0][:200])
+    print("SerqMatMul session FAILS:", str(e)[-300:])
+for path in sys.argv[3:]:
+    try:
+        o.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        print("loads:", path.split("models/")[-1])
+    except Exception as e:
+        print("model FAILS to load:", path, str(e)[-300:])
 """
+
+
+def write_op_model(path: Path) -> Path:
+    """A one-node FP16 SerqMatMul model (the benchmark's builder), for other Pythons to load."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+
+    import gpu_bench
+
+    w = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32) / 16
+    path.write_bytes(gpu_bench.serq_matmul(w, bits_a=8, rank=32))
+    return path
 
 
 LOAD_CHECK = r"""
