@@ -108,6 +108,34 @@ def copy_package(dest: Path) -> Path:
     return out
 
 
+def copy_aot(pkg: Path, dest: Path, arch: int = 90) -> Path | None:
+    """The AOT build the op library embeds (its ``aot_key``), sm_90 cubins only, for
+    ``tests/test_kernels_gpu.py`` (``SERQ_KERNELS_AOT_DIR``): the GPU tests then launch the very
+    binaries shipped, not ones the GPU machine's older Triton would compile. Each cubin is
+    checked against the library's own list of sha256s."""
+    import hashlib
+
+    embedded = json.loads((pkg / "lib" / "serq_cuda_cubins.json").read_text())
+    cache = Path(os.environ.get("SERQ_AOT_CACHE_DIR", ROOT / ".cache" / "aot"))
+    src = cache / embedded["aot_key"]
+    if not (src / "manifest.json").is_file():
+        log(f"SKIPPED: AOT build {src} not found; the GPU tests will build their own cubins")
+        return None
+    out = dest / "aot"
+    shutil.rmtree(out, ignore_errors=True)
+    (out / f"sm_{arch}").mkdir(parents=True)
+    shutil.copy2(src / "manifest.json", out / "manifest.json")
+    want = {c["name"]: c["sha256"] for c in embedded["cubins"] if c["arch"] == arch}
+    for e in json.loads((src / "manifest.json").read_text())["kernels"]:
+        if e["arch"] != arch:
+            continue
+        data = (src / e["cubin"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != want.get(e["name"]):
+            raise SystemExit(f"{src / e['cubin']} is not the cubin the library embeds")
+        (out / e["cubin"]).write_bytes(data)
+    return out
+
+
 def pack_models(models: Path, dest: Path) -> Path:
     """``models`` as one xz tar (repeated weights shrink to almost nothing)."""
     out = dest / "models.tar.xz"
@@ -175,6 +203,9 @@ def prep(args) -> None:
     BUNDLE.mkdir(parents=True, exist_ok=True)
     pkg = copy_package(BUNDLE / "pkg")
     log(f"package {pkg}: {mib(path_size(pkg))}")
+    aot = copy_aot(pkg, BUNDLE)
+    if aot:
+        log(f"AOT cubins (sm_90, as embedded): {mib(path_size(aot))}")
     py312 = find_python312()
     if py312:  # the dry run imports the wheel under Python 3.12, which needs these beside it
         download_rehearsal_deps(PREP / "dl-rehearse")
@@ -383,6 +414,8 @@ def run(args, store: Path = STORE) -> int:
             tar.extractall(models, filter="data")
     step("bundle", "ok", t, f"package and models in {store}")
     env = gpu_env(site if ort_ok and not args.rehearse else None, pkg)
+    if (BUNDLE / "aot" / "manifest.json").is_file():
+        env["SERQ_KERNELS_AOT_DIR"] = str(BUNDLE / "aot")
     t = time.perf_counter()
     info = probe(env, args.python)
     cuda = bool(info.get("cuda_ok")) and ort_ok and not args.rehearse

@@ -101,13 +101,14 @@ def build(out: Path, smollm2_config: Path | None, log=print) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    done = lambda name: (out / name / "serq-w4a8" / "model.onnx").is_file()  # noqa: E731
     tiny_hf = out / "_hf" / "tiny-llama"
-    if not (tiny_hf / "config.json").is_file():
+    if not done("tiny-llama"):
         make_tiny_llama(tiny_hf, seed=0)
-    vocab = json.loads((tiny_hf / "config.json").read_text())["vocab_size"]
-    export_and_convert(tiny_hf, out / "tiny-llama", vocab, rank=32, group_w=32, group_a=32,
-                       log=log)
-    if smollm2_config is not None:
+        vocab = json.loads((tiny_hf / "config.json").read_text())["vocab_size"]
+        export_and_convert(tiny_hf, out / "tiny-llama", vocab, rank=32, group_w=32, group_a=32,
+                           log=log)
+    if smollm2_config is not None and not done("smollm2-shaped"):
         hf = make_shaped_hf(smollm2_config, out / "_hf" / "smollm2-shaped")
         vocab = json.loads(Path(smollm2_config).read_text())["vocab_size"]
         export_and_convert(hf, out / "smollm2-shaped", vocab, rank=128, group_w=128,
