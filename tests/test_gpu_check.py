@@ -209,3 +209,24 @@ def test_cpu_rehearsal_runs_every_onnxruntime_code_path(carried_models, tmp_path
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "SerqMatMul w4a4" in report and res.device in report
     assert os.environ.get(gpu_bench.FPA_ENV) is None  # the fpA switch never leaks
+
+
+def test_cpu_rehearsal_of_the_triton_fallback(tmp_path):
+    """The path taken without onnxruntime-gpu: the kernels' launcher against torch's matmul,
+    here under Triton's interpreter, in a child process (an interpreted Triton cannot share a
+    process with one that compiles)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-P", str(ROOT / "benchmarks" / "gpu_bench.py"),
+                        "--rehearse", "--steps", "triton", "--out", str(tmp_path),
+                        "--budget", "60", "--min-seconds", "0.01"],
+                       capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    rows = [x for x in data["rows"] if x["section"] == "triton"]
+    shapes, ms = gpu_bench.REHEARSE_TRITON
+    kernels = {"torch FP16 matmul", "SerqMatMul w4a8", "SerqMatMul w4a8 r0", "SerqMatMul w4a4"}
+    assert {(x["kernel"], x["M"]) for x in rows} == {(k, m) for k in kernels for m in ms}
+    assert all(x["path"] == "triton+torch" and x["ms"] > 0 for x in rows), data["skipped"]
+    assert "Triton launcher against torch" in (tmp_path / "gpu_bench.md").read_text()
