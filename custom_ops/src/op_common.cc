@@ -2,6 +2,8 @@
 
 #include <new>
 
+#include "weight_check.h"
+
 namespace serq {
 
 namespace {
@@ -212,6 +214,34 @@ OrtStatusPtr StatusNamingNode(const OrtKernelInfo* info) noexcept {
   } catch (...) {
     return st;
   }
+}
+
+ConstantInputs CheckConstantInputs(const Ort::ConstKernelInfo& info, const SerqLayout& L) {
+  const size_t n_inputs = info.GetInputCount();
+  if (n_inputs < kActScale) {
+    throw OpError("inputs A, B, scales and wsum are required, the node has " + std::to_string(n_inputs) +
+                  " inputs");
+  }
+  ConstantInputs out;
+  TensorView* c = out.view;
+  for (size_t i = kB; i < kNumInputs; ++i) {
+    c[i] = GetConstantInput(info, n_inputs, i);
+    CheckInputShape(L, i, c[i]);
+  }
+  if (c[kScales].present) {
+    CheckScales(L, static_cast<const float*>(c[kScales].data));
+    out.validated[kScales] = c[kScales].data;
+  }
+  if (c[kB].present && c[kWsum].present) {
+    CheckWsum(L, static_cast<const uint8_t*>(c[kB].data), static_cast<const int32_t*>(c[kWsum].data));
+    out.validated[kB] = c[kB].data;
+    out.validated[kWsum] = c[kWsum].data;
+  }
+  if (c[kActPerm].present) {
+    out.perm = CheckPerm(c[kActPerm].data, c[kActPerm].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, L.a.K);
+    out.validated[kActPerm] = c[kActPerm].data;
+  }
+  return out;
 }
 
 }  // namespace serq

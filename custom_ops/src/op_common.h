@@ -38,6 +38,17 @@ TensorView GetConstantInput(const Ort::ConstKernelInfo& info, size_t n_inputs, s
 // Type and shape of input `index` (B .. bias), when present; throws OpError.
 void CheckInputShape(const SerqLayout& L, size_t index, const TensorView& t);
 
+// The node's constant-initializer inputs, checked once when the kernel is created: shapes and
+// types, scales, wsum against B, act_perm. `validated[i]` is the data pointer of each input whose
+// values were checked (Compute skips the value checks for those); `perm` is act_perm as int64.
+struct ConstantInputs {
+  TensorView view[kNumInputs];
+  const void* validated[kNumInputs] = {};
+  std::vector<int64_t> perm;
+};
+// Throws OpError; also for a node without the required inputs A, B, scales and wsum.
+ConstantInputs CheckConstantInputs(const Ort::ConstKernelInfo& info, const SerqLayout& L);
+
 // A's type and last dimension; returns the number of rows (product of the leading dimensions).
 int64_t CheckActivations(const SerqLayout& L, const TensorView& A);
 

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <new>
 #include <string>
@@ -184,28 +185,9 @@ SerqMatMulCpuKernel::SerqMatMulCpuKernel(const OrtKernelInfo* info_ptr) {
 
   // Weight inputs that are constant initializers are checked once, here: a bad model fails when
   // the session is created, and Compute skips the value checks for them.
-  const size_t n_inputs = info.GetInputCount();
-  if (n_inputs < kActScale) {
-    throw OpError("inputs A, B, scales and wsum are required, the node has " + std::to_string(n_inputs) + " inputs");
-  }
-  TensorView c[kNumInputs];
-  for (size_t i = kB; i < kNumInputs; ++i) {
-    c[i] = GetConstantInput(info, n_inputs, i);
-    CheckInputShape(L_, i, c[i]);
-  }
-  if (c[kScales].present) {
-    CheckScales(L_, static_cast<const float*>(c[kScales].data));
-    validated_[kScales] = c[kScales].data;
-  }
-  if (c[kB].present && c[kWsum].present) {
-    CheckWsum(L_, static_cast<const uint8_t*>(c[kB].data), static_cast<const int32_t*>(c[kWsum].data));
-    validated_[kB] = c[kB].data;
-    validated_[kWsum] = c[kWsum].data;
-  }
-  if (c[kActPerm].present) {
-    const_perm_ = CheckPerm(c[kActPerm].data, c[kActPerm].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, L_.a.K);
-    validated_[kActPerm] = c[kActPerm].data;
-  }
+  ConstantInputs c = CheckConstantInputs(info, L_);
+  std::copy(std::begin(c.validated), std::end(c.validated), validated_);
+  const_perm_ = std::move(c.perm);
   if (const char* v = std::getenv("SERQ_ONNX_VERBOSE"); v && *v && std::strcmp(v, "0") != 0) {
     std::fprintf(stderr, "SerqMatMul: K=%lld N=%lld rank=%lld block=%lld bits_w=%lld bits_a=%lld: %s kernel\n",
                  static_cast<long long>(a.K), static_cast<long long>(a.N), static_cast<long long>(a.rank),

@@ -1,8 +1,10 @@
 #include "cuda/serq_matmul_cuda.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -80,24 +82,9 @@ SerqMatMulCudaKernel::SerqMatMulCudaKernel(const OrtKernelInfo* info_ptr, DType 
 
   // Attributes and weights are checked before the driver is touched: a malformed model gives
   // the same message on every machine.
-  TensorView c[kNumInputs];
-  for (size_t i = kB; i < kNumInputs; ++i) {
-    c[i] = GetConstantInput(info, n_inputs, i);
-    CheckInputShape(L_, i, c[i]);
-  }
-  if (c[kScales].present) {
-    CheckScales(L_, static_cast<const float*>(c[kScales].data));
-    validated_[kScales] = c[kScales].data;
-  }
-  if (c[kB].present && c[kWsum].present) {
-    CheckWsum(L_, static_cast<const uint8_t*>(c[kB].data), static_cast<const int32_t*>(c[kWsum].data));
-    validated_[kB] = c[kB].data;
-    validated_[kWsum] = c[kWsum].data;
-  }
-  if (c[kActPerm].present) {
-    CheckPerm(c[kActPerm].data, c[kActPerm].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, L_.a.K);
-    validated_[kActPerm] = c[kActPerm].data;
-  }
+  const ConstantInputs constants = CheckConstantInputs(info, L_);
+  const TensorView* c = constants.view;
+  std::copy(std::begin(constants.validated), std::end(constants.validated), validated_);
   if (c[kActScale].present) validated_[kActScale] = c[kActScale].data;
   if (c[kBias].present) validated_[kBias] = c[kBias].data;
 
