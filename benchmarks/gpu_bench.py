@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_report import CORRECT, Results, format_markdown, write  # noqa: E402,F401
+
 LLAMA3_8B_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 LLAMA3_MS = [1, 16, 256, 2048, 8192]
 REHEARSE_SHAPES = [(256, 128), (128, 64)]
@@ -34,8 +37,6 @@ REHEARSE_MS = [1, 16, 64]
 REHEARSE_TRITON = ([(64, 32)], [1, 3])  # Triton's interpreter is slow
 IR_VERSION = 10
 FPA_ENV = "ORT_FPA_INTB_GEMM"
-# CUDA against CPU logits, as tests/test_cuda_ep_gpu.py's whole-model test states them.
-CORRECT = {"rel_rms": 1e-3, "top1": 0.98}
 # The fpA_intB switch is read when a MatMulNBits kernel is created (session initialization):
 # the environment variable, or this session config entry in newer releases. Both are set for
 # the sessions meant to use it, and neither for the others.
@@ -56,22 +57,6 @@ class Budget:
         return self.left() > need
 
 
-@dataclass
-class Results:
-    device: str
-    provider: str
-    ort_version: str
-    rows: list[dict] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, **row) -> None:
-        self.rows.append(row)
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1) + "\n"
-
-
 # -- one-node FP16 models ---------------------------------------------------------------------
 
 def _model(node, inits: dict, K: int, N: int, domain: str | None) -> bytes:
@@ -83,7 +68,8 @@ def _model(node, inits: dict, K: int, N: int, domain: str | None) -> bytes:
                               initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
     opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     # An IR version every onnxruntime since 1.17 reads (newer onnx writes one 1.31 refuses).
-    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION).SerializeToString()
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+    return model.SerializeToString()
 
 
 def fp16_matmul(w: np.ndarray) -> bytes:
@@ -363,7 +349,8 @@ def bench_model(res: Results, name: str, path: Path, budget: Budget, *, prefill:
         t = time.perf_counter()
         past = _step(sess, spec, feeds, res.provider)
         pre.append(time.perf_counter() - t)
-    res.add(section="model", model=name, phase=f"prefill {prefill}", ms=statistics.median(pre) * 1e3,
+    res.add(section="model", model=name, phase=f"prefill {prefill}",
+            ms=statistics.median(pre) * 1e3,
             runs=len(pre), path="onnxruntime", device=res.device)
     steps = []
     for i in range(decode):
@@ -457,7 +444,7 @@ def _time_torch(fn, dev: str, min_seconds: float):
     return statistics.median(runs) * 1e3, len(runs)
 
 
-# -- reporting --------------------------------------------------------------------------------
+# -- device and checkpoints ------------------------------------------------------------------
 
 def device_name(provider: str) -> str:
     if provider != "cuda":
@@ -479,82 +466,6 @@ def device_name(provider: str) -> str:
         return "unknown GPU"
 
 
-def _ratio(num: float | None, den: float | None) -> str:
-    return f"{num / den:.2f}" if num and den else "–"
-
-
-def _layer_table(res: Results, section: str, title: str, base: str) -> list[str]:
-    layer = [r for r in res.rows if r["section"] == section]
-    if not layer:
-        return []
-    dev = res.device
-    kernels = list(dict.fromkeys(r["kernel"] for r in layer))
-    cells = {(r["K"], r["N"], r["M"], r["kernel"]): r for r in layer}
-    nbits = [k for k in kernels if k.startswith("MatMulNBits")]
-    out = [f"## {title}", "",
-           "| K x N | M | " + " | ".join(kernels) + f" | {base} / w4a8 | {base} / w4a4 | "
-           "best MatMulNBits / w4a8 | R cost (w4a8 / r0 - 1) | path | device |",
-           "| --- | --- | " + " | ".join("---" for _ in kernels) + " | --- | --- | --- | "
-           "--- | --- | --- |"]
-    for K, N, M in dict.fromkeys((r["K"], r["N"], r["M"]) for r in layer):
-        ms = {k: cells[(K, N, M, k)]["ms"] for k in kernels if (K, N, M, k) in cells}
-        ours, a4, r0 = (ms.get(k) for k in ("SerqMatMul w4a8", "SerqMatMul w4a4",
-                                            "SerqMatMul w4a8 r0"))
-        best_nb = min((ms[k] for k in nbits if k in ms), default=None)
-        r_cost = f"{(ours / r0 - 1) * 100:+.1f}%" if ours and r0 else "–"
-        paths = "/".join(sorted({cells[(K, N, M, k)]["path"] for k in ms}))
-        out.append(f"| {K}x{N} | {M} | " + " | ".join(
-            f"{ms[k]:.4f}" if k in ms else "–" for k in kernels)
-            + f" | {_ratio(ms.get(base), ours)} | {_ratio(ms.get(base), a4)} | "
-            f"{_ratio(best_nb, ours)} | {r_cost} | {paths} | {dev} |")
-    return out + [""]
-
-
-def format_markdown(res: Results) -> str:
-    """The report: one table per section, the device and path beside every figure."""
-    dev = res.device
-    out = [f"Device: **{dev}**; execution provider: {res.provider}; onnxruntime "
-           f"{res.ort_version}. Times: median milliseconds per call. Ratios: baseline / "
-           "SerqMatMul w4a8 (> 1: SerqMatMul is faster).", ""]
-    corr = [r for r in res.rows if r["section"] == "correctness"]
-    if corr:
-        out += ["## Correctness: this device against the CPU", "",
-                f"Within: relative RMS < {CORRECT['rel_rms']:g} and top-1 agreement >= "
-                f"{CORRECT['top1']:.0%}.", "",
-                "| model | relative RMS | max abs | top-1 agreement | within | path | device |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {r['model']} | {r['rel_rms']:.3g} | {r['max_abs']:.3g} | "
-                f"{r['top1_agree']:.1%} | {'yes' if r['within'] else 'NO'} | {r['path']} | "
-                f"{r['device']} |" for r in corr]
-        out.append("")
-    out += _layer_table(res, "layer", "Per layer, onnxruntime (FP16 activations)", "FP16 MatMul")
-    out += _layer_table(res, "triton", "Per layer, Triton launcher against torch (FP16 "
-                        "activations)", "torch FP16 matmul")
-    graph = [r for r in res.rows if r["section"] == "graph"]
-    if graph:
-        cells = {(r["K"], r["N"], r["M"], r["kernel"], r["graph"]): r["ms"] for r in graph}
-        out += ["## CUDA graph capture (decode sizes)", "",
-                "| K x N | M | kernel | graph off | graph on | off / on | path | device |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for K, N, M, k in dict.fromkeys((r["K"], r["N"], r["M"], r["kernel"]) for r in graph):
-            off, on = cells.get((K, N, M, k, False)), cells.get((K, N, M, k, True))
-            out.append(f"| {K}x{N} | {M} | {k} | {off or 0:.4f} | {on or 0:.4f} | "
-                       f"{_ratio(off, on)} | onnxruntime | {dev} |")
-        out.append("")
-    model = [r for r in res.rows if r["section"] == "model"]
-    if model:
-        out += ["## Whole model (batch 1)", "",
-                "| model | phase | ms | runs | path | device |",
-                "| --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {r['model']} | {r['phase']} | {r['ms']:.3f} | {r['runs']} | {r['path']} | "
-                f"{r['device']} |" for r in model]
-        out.append("")
-    out += ["## Skipped", ""] + ([f"- {s}" for s in res.skipped] or ["- nothing"]) + [""]
-    if res.notes:
-        out += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
-    return "\n".join(out)
-
-
 _CHECKPOINT: list[Path] = []
 
 
@@ -562,14 +473,6 @@ def checkpoint(res: Results) -> None:
     """Write what is measured so far, so a run killed at its limit still reports it."""
     if _CHECKPOINT:
         write(res, _CHECKPOINT[0])
-
-
-def write(res: Results, out_dir: Path, stem: str = "gpu_bench") -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    md.write_text(format_markdown(res))
-    js.write_text(res.to_json())
-    return md, js
 
 
 def run(args) -> Results:
@@ -608,7 +511,8 @@ def run(args) -> Results:
             t_shapes, t_ms = REHEARSE_TRITON if args.rehearse else (shapes, ms)
             bench_triton(res, t_shapes, t_ms, budget, min_seconds=args.min_seconds)
         else:
-            res.skipped.append(f"step {step}: {'no --models' if step in ('correctness', 'model') else 'unknown'}")
+            why = "no --models" if step in ("correctness", "model") else "unknown step"
+            res.skipped.append(f"step {step}: {why}")
             continue
         res.notes.append(f"step {step}: {time.perf_counter() - t:.1f} s")
         write(res, Path(args.out))  # what finished so far survives a kill at the limit

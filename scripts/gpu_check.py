@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -55,95 +54,6 @@ def log(msg: str) -> None:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-# -- prep (CPU machine) -----------------------------------------------------------------------
-
-def download(dest: Path, spec: str = ORT_GPU) -> Path:
-    """The cp312 manylinux wheel of ``spec`` (reused when already there)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    name = spec.split("==")[0].replace("-", "_")
-    found = sorted(dest.glob(f"{name}-{spec.split('==')[1]}-cp312-*.whl"))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
-        for p in PLATFORMS:
-            cmd += ["--platform", p]
-        subprocess.run(cmd + [spec], check=True)
-        found = sorted(dest.glob(f"{name}-*-cp312-*.whl"))
-    if len(found) != 1:
-        raise SystemExit(f"expected one {spec} wheel in {dest}, found {found}")
-    return found[0]
-
-
-def download_rehearsal_deps(dest: Path) -> None:
-    """cp312 wheels of onnxruntime's own needs, for the dry run's Python 3.12 only."""
-    if len(list(dest.glob("*.whl"))) >= len(REHEARSAL_DEPS):
-        return
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
-    for p in PLATFORMS:
-        cmd += ["--platform", p]
-    subprocess.run(cmd + REHEARSAL_DEPS, check=True)
-
-
-def copy_package(dest: Path) -> Path:
-    """The installed ``serq_onnx`` (with ``passes``, ``kernels`` and ``lib/``), without byte
-    code: plain Python and a C++ library that does not link libpython, so Python 3.12 loads it."""
-    import serq_onnx
-
-    src = Path(serq_onnx.__file__).resolve().parent
-    lib = src / "lib" / "libserq_onnx_ops.so"
-    if not lib.is_file() or b"CUDAExecutionProvider" not in lib.read_bytes():
-        raise SystemExit(f"{lib} is missing or built without its CUDA part; run `make setup`")
-    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
-    if "libpython" in needed:
-        raise SystemExit(f"{lib} links libpython; it would be tied to one Python version")
-    out = dest / "serq_onnx"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    tied = [p for p in out.rglob("*") if "cpython-3" in p.name]
-    if tied:
-        raise SystemExit(f"files tied to one Python version in the package: {tied}")
-    return out
-
-
-def copy_aot(pkg: Path, dest: Path, arch: int = 90) -> Path | None:
-    """The AOT build the op library embeds (its ``aot_key``), sm_90 cubins only, for
-    ``tests/test_kernels_gpu.py`` (``SERQ_KERNELS_AOT_DIR``): the GPU tests then launch the very
-    binaries shipped, not ones the GPU machine's older Triton would compile. Each cubin is
-    checked against the library's own list of sha256s."""
-    import hashlib
-
-    embedded = json.loads((pkg / "lib" / "serq_cuda_cubins.json").read_text())
-    cache = Path(os.environ.get("SERQ_AOT_CACHE_DIR", ROOT / ".cache" / "aot"))
-    src = cache / embedded["aot_key"]
-    if not (src / "manifest.json").is_file():
-        log(f"SKIPPED: AOT build {src} not found; the GPU tests will build their own cubins")
-        return None
-    out = dest / "aot"
-    shutil.rmtree(out, ignore_errors=True)
-    (out / f"sm_{arch}").mkdir(parents=True)
-    shutil.copy2(src / "manifest.json", out / "manifest.json")
-    want = {c["name"]: c["sha256"] for c in embedded["cubins"] if c["arch"] == arch}
-    for e in json.loads((src / "manifest.json").read_text())["kernels"]:
-        if e["arch"] != arch:
-            continue
-        data = (src / e["cubin"]).read_bytes()
-        if hashlib.sha256(data).hexdigest() != want.get(e["name"]):
-            raise SystemExit(f"{src / e['cubin']} is not the cubin the library embeds")
-        (out / e["cubin"]).write_bytes(data)
-    return out
-
-
-def pack_models(models: Path, dest: Path) -> Path:
-    """``models`` as one xz tar (repeated weights shrink to almost nothing)."""
-    out = dest / "models.tar.xz"
-    with tarfile.open(out, "w:xz", preset=6) as tar:
-        for d in sorted(models.iterdir()):
-            if not d.name.startswith("_"):
-                tar.add(d, arcname=d.name)
-    return out
 
 
 def tree_size() -> int:
@@ -182,61 +92,21 @@ def plan_calls(manifest: dict, tree: int) -> list[dict]:
     return calls
 
 
-def prep(args) -> None:
-    t0 = time.perf_counter()
-    original = download(PREP / "dl")
-    log(f"wheel {original.name}: {mib(original.stat().st_size)} "
-        f"({time.perf_counter() - t0:.0f} s)")
-    wheel = PREP / "wheel" / original.name
-    stamp = PREP / "wheel" / "source.sha256"
-    source_sha = gpu_parts.sha256_file(original)
-    if not wheel.is_file() or not stamp.is_file() or stamp.read_text().strip() != source_sha:
-        t = time.perf_counter()
-        gpu_parts.repack_lzma(original, wheel)
-        stamp.write_text(source_sha + "\n")
-        log(f"recompressed with LZMA: {mib(wheel.stat().st_size)} "
-            f"({time.perf_counter() - t:.0f} s; same members, compared)")
-    manifest = gpu_parts.split(wheel, PARTS, args.part_mib * 2**20)
-    manifest["source_sha256"] = source_sha
-    (PARTS / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    log(f"split into {len(manifest['parts'])} parts of at most {args.part_mib} MiB")
-    BUNDLE.mkdir(parents=True, exist_ok=True)
-    pkg = copy_package(BUNDLE / "pkg")
-    log(f"package {pkg}: {mib(path_size(pkg))}")
-    aot = copy_aot(pkg, BUNDLE)
-    if aot:
-        log(f"AOT cubins (sm_90, as embedded): {mib(path_size(aot))}")
-    py312 = find_python312()
-    if py312:  # the dry run imports the wheel under Python 3.12, which needs these beside it
-        download_rehearsal_deps(PREP / "dl-rehearse")
-    if not args.skip_models:
-        import gpu_models
-
-        config = Path(args.smollm2_config)
-        if not config.is_file():
-            from serq_onnx.data import smollm2_hf_dir
-
-            config = smollm2_hf_dir() / "config.json"
-        t = time.perf_counter()
-        gpu_models.build(PREP / "models", config, log=log)
-        packed = pack_models(PREP / "models", BUNDLE)
-        log(f"models packed: {mib(packed.stat().st_size)} ({time.perf_counter() - t:.0f} s)")
-    calls = plan_calls(manifest, tree_size())
-    (PREP / "calls.json").write_text(json.dumps(calls, indent=1) + "\n")
-    print_calls(calls)
-    over = [c for c in calls if c["bytes"] > LIMIT - MARGIN]
-    if over:
-        raise SystemExit(f"calls over {mib(LIMIT - MARGIN)}: {[c['call'] for c in over]}; "
-                         "lower --part-mib or shrink the bundle")
-    log(f"prep done in {time.perf_counter() - t0:.0f} s")
-
-
 def print_calls(calls: list[dict]) -> None:
     print(f"\nThe GPU check takes {len(calls)} device calls, in one warm lease "
           "(each within 30 s of the last):")
     for c in calls:
         print(f"  {c['call']}. run command={c['command']!r} carry={c['carry']} "
               f"timeout_s={c['timeout_s']}   ({mib(c['bytes'])} sent)")
+
+
+def find_python312() -> str | None:
+    for cand in ("python3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"):
+        path = shutil.which(cand) or (cand if Path(cand).is_file() else None)
+        if path and subprocess.run([path, "-c", "import sys"], capture_output=True).returncode == 0:
+            return path
+    found = sorted(Path("/root/.pyenv/versions").glob("3.12*/bin/python3.12"))
+    return str(found[0]) if found else None
 
 
 # -- on the GPU machine -----------------------------------------------------------------------
@@ -456,130 +326,6 @@ def run(args, store: Path = STORE) -> int:
     return 0 if all(x["status"] in expected for x in steps) else 1
 
 
-# -- dry run (CPU machine) --------------------------------------------------------------------
-
-def find_python312() -> str | None:
-    for cand in ("python3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"):
-        path = shutil.which(cand) or (cand if Path(cand).is_file() else None)
-        if path and subprocess.run([path, "-c", "import sys"], capture_output=True).returncode == 0:
-            return path
-    found = sorted(Path("/root/.pyenv/versions").glob("3.12*/bin/python3.12"))
-    return str(found[0]) if found else None
-
-
-def dry_run(args) -> int:
-    """The device calls on this machine, in order, with a temporary folder as the GPU's store:
-    the parts, then ``run`` rehearsed (wheel installed with Python 3.12 as there, tests and
-    benchmark on the CPU execution provider), then what only this machine can check: the
-    wheel imports under Python 3.12, the package compiles under it, the big model loads."""
-    manifest = _manifest()
-    calls = plan_calls(manifest, tree_size())
-    over = [c["call"] for c in calls if c["bytes"] > LIMIT - MARGIN]
-    timings: dict[str, float] = {}
-    py312 = find_python312()
-    out = PREP / "dry-run"
-    shutil.rmtree(out, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="serq-gpu-dry-") as tmp:
-        store = Path(tmp)
-        for k in range(1, len(manifest["parts"])):
-            t = time.perf_counter()
-            part(k, store)
-            timings[f"call {k}: part {k}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rargs = argparse.Namespace(budget=RUN_BUDGET, out=str(out), python=sys.executable,
-                                   install_python=py312, rehearse=True)
-        if not py312:  # the wheel is cp312: this machine's pip cannot install it otherwise
-            log("SKIPPED: no Python 3.12 here; the run's install step will fail in rehearsal")
-        rc = run(rargs, store)
-        timings[f"call {len(calls)}: run (rehearsed)"] = time.perf_counter() - t
-        for s in json.loads((out / "check.json").read_text()):
-            print(f"    {s['step']:24s} {s['status']:18s} {s['seconds']:6.1f} s")
-        site = store / "site"
-        if py312 and site.is_dir():
-            t = time.perf_counter()
-            deps = sorted((PREP / "dl-rehearse").glob("*.whl"))
-            if deps:  # numpy etc. for 3.12, which the GPU machine has and this 3.12 lacks
-                subprocess.run([py312, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                "--disable-pip-version-check", "--target", str(site),
-                                *map(str, deps)], check=True)
-            op_model = write_op_model(store / "op.onnx")
-            lib = store / "pkg" / "serq_onnx" / "lib" / "libserq_onnx_ops.so"
-            carried = sorted(map(str, (store / "models").glob("*/*/model.onnx")))
-            imp = subprocess.run([py312, "-c", IMPORT_CHECK, str(op_model), str(lib), *carried],
-                                 env={**os.environ, "PYTHONPATH": str(site)},
-                                 capture_output=True, text=True)
-            log(f"onnxruntime-gpu under Python 3.12: "
-                f"{imp.stdout.strip() or imp.stderr.strip()[-400:]}")
-            if "FAILS" in imp.stdout or imp.returncode:
-                rc = 1
-            comp = subprocess.run([py312, "-m", "compileall", "-q", str(store / "pkg")],
-                                  capture_output=True, text=True)
-            log(f"package byte-compiles under Python 3.12: {comp.returncode == 0}")
-            timings["import under Python 3.12"] = time.perf_counter() - t
-        else:
-            log("SKIPPED: import of onnxruntime-gpu under Python 3.12 (none here)")
-        big = store / "models" / "smollm2-shaped" / "serq-w4a8" / "model.onnx"
-        t = time.perf_counter()
-        chk = subprocess.run([sys.executable, "-P", "-c", LOAD_CHECK, str(big)],
-                             env=gpu_env(None, store / "pkg"), capture_output=True, text=True,
-                             timeout=300)
-        log(f"smollm2-shaped serq model on the CPU: {chk.stdout.strip() or chk.stderr[-300:]}")
-        timings["smollm2-shaped serq model loads"] = time.perf_counter() - t
-    print("\nRehearsed steps (this machine):")
-    for k, v in timings.items():
-        print(f"  {k:40s} {v:7.1f} s")
-    print(f"rehearsal report: {out}/RESULTS-gpu.md")
-    print_calls(calls)
-    if over:
-        print(f"CALLS OVER THE LIMIT: {over}")
-        return 1
-    print("\nSTOP: the next step needs a GPU: the device calls above, in order "
-          "(docs/gpu-check.md).")
-    return rc
-
-
-IMPORT_CHECK = r"""
-import sys, numpy as np, onnxruntime as o
-print(o.__version__, o.get_available_providers())
-so = o.SessionOptions()
-so.register_custom_ops_library(sys.argv[2])
-try:
-    s = o.InferenceSession(sys.argv[1], so,
-                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    y = s.run(None, {"A": np.ones((3, 256), np.float16)})[0]
-    print("the op library loads; a SerqMatMul session runs on", s.get_providers(), y.shape)
-except Exception as e:
-    print("SerqMatMul session FAILS:", str(e)[-300:])
-for path in sys.argv[3:]:
-    try:
-        o.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        print("loads:", path.split("models/")[-1])
-    except Exception as e:
-        print("model FAILS to load:", path, str(e)[-300:])
-"""
-
-
-def write_op_model(path: Path) -> Path:
-    """A one-node FP16 SerqMatMul model (the benchmark's builder), for other Pythons to load."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import numpy as np
-
-    import gpu_bench
-
-    w = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32) / 16
-    path.write_bytes(gpu_bench.serq_matmul(w, bits_a=8, rank=32))
-    return path
-
-
-LOAD_CHECK = r"""
-import sys, numpy as np
-import serq_onnx
-from serq_onnx import compare
-s = serq_onnx.session(sys.argv[1])
-print("ok, logits", compare.logits(s, np.arange(8, dtype=np.int64)).shape)
-"""
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -599,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("calls", help="print the device calls")
     args = p.parse_args(argv)
     if args.cmd == "prep":
-        prep(args)
+        import gpu_prep
+
+        gpu_prep.prep(args)
         return 0
     if args.cmd == "part":
         return part(args.k)
@@ -608,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "calls":
         print_calls(plan_calls(_manifest(), tree_size()))
         return 0
-    return dry_run(args)
+    import gpu_dry_run
+
+    return gpu_dry_run.dry_run(args)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,11 @@ def _fake_wheel_zip(path: Path) -> dict[str, bytes]:
     import zipfile
 
     files = {"pkg/__init__.py": b"x = 1\n" * 200, "pkg/lib.so": bytes(range(256)) * 40}
-    rows = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
-            for n, d in files.items()] + ["pkg-1.0.dist-info/RECORD,,"]
+    def b64(d: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b"=").decode()
+
+    rows = [f"{n},sha256={b64(d)},{len(d)}" for n, d in files.items()]
+    rows.append("pkg-1.0.dist-info/RECORD,,")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for n, d in files.items():
             z.writestr(n, d)
