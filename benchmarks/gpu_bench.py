@@ -499,6 +499,11 @@ def run(args) -> Results:
         elif step == "layers":
             bench_layers(res, shapes, ms, budget, min_seconds=args.min_seconds,
                          quick=args.rehearse)
+            if not any(r["kernel"].startswith("SerqMatMul") for r in res.rows
+                       if r["section"] == "layer") and "triton" not in steps:
+                res.notes.append("no SerqMatMul figure through onnxruntime (see Skipped): its "
+                                 "kernels are timed through the Triton launcher instead")
+                steps.insert(steps.index("layers") + 1, "triton")
         elif step == "graphs":
             bench_graphs(res, shapes, [1, 16], budget, min_seconds=args.min_seconds)
         elif step == "model" and models:

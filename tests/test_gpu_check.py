@@ -233,3 +233,24 @@ def test_cpu_rehearsal_of_the_triton_fallback(tmp_path):
     assert {(x["kernel"], x["M"]) for x in rows} == {(k, m) for k in kernels for m in ms}
     assert all(x["path"] == "triton+torch" and x["ms"] > 0 for x in rows), data["skipped"]
     assert "Triton launcher against torch" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_without_serqmatmul_figures_the_triton_path_is_taken(tmp_path, monkeypatch):
+    """When every SerqMatMul session fails in onnxruntime, the same run times its kernels
+    through the Triton launcher instead, and says so."""
+    def broken(*a, **k):
+        raise RuntimeError("no SerqMatMul kernel for this provider")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gpu_bench, "serq_matmul", broken)
+    monkeypatch.setattr(gpu_bench, "REHEARSE_SHAPES", [(64, 32)])
+    monkeypatch.setattr(gpu_bench, "REHEARSE_MS", [1])
+    monkeypatch.setattr(gpu_bench, "REHEARSE_TRITON", ([(64, 32)], [1]))
+    args = Namespace(out=str(tmp_path), provider="cuda", rehearse=True, models=None,
+                     steps="layers", budget=60.0, min_seconds=0.01)
+    res = gpu_bench.run(args)
+    assert {r["kernel"] for r in res.rows if r["section"] == "layer"} == {
+        "FP16 MatMul", "MatMulNBits b128", "MatMulNBits b128 fpA"}
+    assert any("session failed: no SerqMatMul kernel" in s for s in res.skipped)
+    assert any(n.startswith("no SerqMatMul figure through onnxruntime") for n in res.notes)
+    assert any(n.startswith("step triton:") for n in res.notes)
