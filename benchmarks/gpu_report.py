@@ -60,6 +60,46 @@ def _layer_table(res: Results, section: str, title: str, base: str) -> list[str]
     return out + [""]
 
 
+# Issue 16's per-layer targets: (name, rows M, baseline, minimum baseline / w4a8 ratio).
+TARGETS = [("prefill vs FP16 MatMul", (2048, 8192), "FP16 MatMul", 1.6),
+           ("prefill vs best MatMulNBits", (2048, 8192), "MatMulNBits", 1.0),
+           ("decode vs FP16 MatMul", (1,), "FP16 MatMul", 3.0),
+           ("decode vs best MatMulNBits", (1,), "MatMulNBits", 1.0)]
+R_COST_MAX = 0.08
+
+
+def targets_table(res: Results) -> list[str]:
+    """Each target against the measured onnxruntime figures (w4a8), per shape and M."""
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in res.rows:
+        if r["section"] == "layer":
+            cells.setdefault((r["K"], r["N"], r["M"]), {})[r["kernel"]] = r["ms"]
+    rows = []
+    for (K, N, M), ms in cells.items():
+        ours = ms.get("SerqMatMul w4a8")
+        if not ours:
+            continue
+        for name, m_set, base, need in TARGETS:
+            if M not in m_set:
+                continue
+            nb = [v for k, v in ms.items() if k.startswith("MatMulNBits")]
+            b = min(nb) if base == "MatMulNBits" and nb else ms.get(base)
+            if b:
+                rows.append(f"| {name} | {K}x{N} | {M} | {b / ours:.2f} | >= {need:g} | "
+                            f"{'yes' if b / ours >= need else 'NO'} | {res.device} |")
+        r0 = ms.get("SerqMatMul w4a8 r0")
+        if r0:
+            cost = ours / r0 - 1
+            rows.append(f"| salient R cost | {K}x{N} | {M} | {cost * 100:+.1f}% | "
+                        f"<= {R_COST_MAX:.0%} | {'yes' if cost <= R_COST_MAX else 'NO'} | "
+                        f"{res.device} |")
+    if not rows:
+        return []
+    return ["## Targets (issue 16), from the figures above", "",
+            "| target | K x N | M | measured | needed | met | device |",
+            "| --- | --- | --- | --- | --- | --- | --- |"] + rows + [""]
+
+
 def format_markdown(res: Results) -> str:
     """The report: one table per section, the device and path beside every figure."""
     dev = res.device
@@ -80,6 +120,7 @@ def format_markdown(res: Results) -> str:
     out += _layer_table(res, "layer", "Per layer, onnxruntime (FP16 activations)", "FP16 MatMul")
     out += _layer_table(res, "triton", "Per layer, Triton launcher against torch (FP16 "
                         "activations)", "torch FP16 matmul")
+    out += targets_table(res)
     graph = [r for r in res.rows if r["section"] == "graph"]
     if graph:
         cells = {(r["K"], r["N"], r["M"], r["kernel"], r["graph"]): r["ms"] for r in graph}

@@ -156,6 +156,24 @@ def test_report_has_ratios_the_device_and_the_skips():
     graph = next(line for line in md.splitlines() if line.startswith("| 64x32 | 1 |"))
     assert "| 3.00 |" in graph and graph.rstrip(" |").endswith("Test GPU X")
     assert "- layers 14336x4096 M=8192 FP16 MatMul (time budget)" in md
+    # M=16 is neither a prefill nor a decode target size: only the R cost (+25% > 8%) is judged
+    targets = [line for line in md.splitlines() if line.startswith("| salient R cost")]
+    assert targets == ["| salient R cost | 64x32 | 16 | +25.0% | <= 8% | NO | Test GPU X |"]
+
+
+def test_targets_are_judged_on_the_measured_ratios():
+    res = gpu_bench.Results(device="G", provider="cuda", ort_version="x")
+    for M, fp16, nbits, ours in ((1, 3.5, 1.2, 1.0), (2048, 1.5, 2.0, 1.0)):
+        for kernel, ms in (("FP16 MatMul", fp16), ("MatMulNBits b128", nbits),
+                           ("SerqMatMul w4a8", ours), ("SerqMatMul w4a8 r0", 0.95)):
+            res.add(section="layer", K=8, N=8, M=M, kernel=kernel, ms=ms, runs=5,
+                    path="onnxruntime", device="G")
+    met = {tuple(c.strip() for c in line.strip("|").split("|"))[:6:5]
+           for line in gpu_bench.format_markdown(res).splitlines()
+           if line.startswith(("| prefill", "| decode", "| salient"))}
+    assert met == {("decode vs FP16 MatMul", "yes"), ("decode vs best MatMulNBits", "yes"),
+                   ("prefill vs FP16 MatMul", "NO"), ("prefill vs best MatMulNBits", "yes"),
+                   ("salient R cost", "yes")}
 
 
 def test_json_holds_every_figure(tmp_path):
