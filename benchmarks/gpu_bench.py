@@ -85,19 +85,13 @@ def matmul_nbits(w: np.ndarray, block: int) -> bytes:
     form its CUDA fpA_intB path accepts."""
     from onnx import helper
 
+    from serq_onnx.bench import nbits_weights
+
     K, N = w.shape
-    nb = -(-K // block)
-    wp = np.zeros((nb * block, N), np.float32)
-    wp[:K] = w
-    g = wp.reshape(nb, block, N)
-    scale = np.abs(g).max(axis=1) / 7
-    scale[scale == 0] = 1
-    q = (np.clip(np.rint(g / scale[:, None, :]), -8, 7) + 8).astype(np.uint8).transpose(2, 0, 1)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    packed, scales = nbits_weights(w, block)
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
                             K=K, N=N, bits=4, block_size=block)
-    return _model(node, {"B": np.ascontiguousarray(packed),
-                         "scales": scale.T.astype(np.float16).reshape(-1)}, K, N,
+    return _model(node, {"B": packed, "scales": scales.astype(np.float16)}, K, N,
                   "com.microsoft")
 
 

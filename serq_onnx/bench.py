@@ -59,8 +59,9 @@ def float_matmul(w: np.ndarray) -> bytes:
     return _model(helper.make_node("MatMul", ["A", "W"], ["Y"]), {"W": w}, K, N, None)
 
 
-def matmul_nbits(w: np.ndarray, block: int, accuracy_level: int) -> bytes:
-    """A symmetric 4-bit ``MatMulNBits`` of ``w`` (values matter little for timing, but are real)."""
+def nbits_weights(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit ``MatMulNBits`` inputs of ``w [K, N]``: packed ``B [N, nb, block/2]``
+    (uint8) and scales ``[N * nb]`` (float32), round to nearest with absmax scales."""
     K, N = w.shape
     nb = -(-K // block)
     wp = np.zeros((nb * block, N), np.float32)
@@ -71,10 +72,16 @@ def matmul_nbits(w: np.ndarray, block: int, accuracy_level: int) -> bytes:
     q = np.clip(np.rint(g / scale[:, None, :]), -8, 7).astype(np.int16) + 8  # [nb, block, N]
     q = q.transpose(2, 0, 1).astype(np.uint8)  # [N, nb, block]
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed), scale.T.astype(np.float32).reshape(-1)
+
+
+def matmul_nbits(w: np.ndarray, block: int, accuracy_level: int) -> bytes:
+    """A symmetric 4-bit ``MatMulNBits`` of ``w`` (values matter little for timing, but are real)."""
+    K, N = w.shape
+    packed, scales = nbits_weights(w, block)
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
                             K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level)
-    return _model(node, {"B": packed, "scales": scale.T.astype(np.float32).reshape(-1)}, K, N,
-                  "com.microsoft")
+    return _model(node, {"B": packed, "scales": scales}, K, N, "com.microsoft")
 
 
 def serq_matmul(w: np.ndarray, *, bits_a: int, rank: int, group: int, group_a: int) -> bytes:
