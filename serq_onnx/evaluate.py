@@ -382,25 +382,57 @@ def _device(sess: Any) -> tuple[str, int]:
 
 
 class _Greedy:
-    """Greedy generation with the KV cache kept on the session's device between steps."""
+    """Greedy generation with the KV cache kept on the session's device between steps.
 
-    def __init__(self, sess: Any, spec: CausalLMSpec):
-        self.sess, self.spec = sess, spec
+    With ``io_binding`` (the default) the ``present`` outputs stay onnxruntime OrtValues on the
+    session's device and are bound as the next step's ``past_key_values`` inputs, so the cache
+    never goes through numpy; the logits are written into a reused host buffer when the model's
+    vocabulary size is fixed. ``io_binding=False`` is the plain ``session.run`` path with numpy
+    arrays everywhere (the reference the bound path is tested against).
+    """
+
+    def __init__(self, sess: Any, spec: CausalLMSpec, io_binding: bool = True):
+        self.sess, self.spec, self.io_binding = sess, spec, io_binding
         self.device, self.device_id = _device(sess)
+        out = next(o for o in sess.get_outputs() if o.name == "logits")
+        self._vocab = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
+        self._logits_dtype = _ORT_TYPES.get(out.type)
+        self._logits_bufs: dict[int, np.ndarray] = {}  # sequence length -> reused host buffer
+        self._outputs = ["logits"] + [present for _, present in spec.past]
+
+    def _logits_buffer(self, n: int) -> np.ndarray | None:
+        if self._vocab is None or self._logits_dtype is None:
+            return None
+        buf = self._logits_bufs.get(n)
+        if buf is None:
+            if len(self._logits_bufs) > 4:  # prompts of many lengths: keep memory bounded
+                self._logits_bufs.clear()
+            buf = self._logits_bufs[n] = np.empty((1, n, self._vocab), self._logits_dtype)
+        return buf
 
     def _run(self, feed: dict[str, np.ndarray], past: list[Any] | None) -> tuple[int, list[Any]]:
+        if not self.io_binding:
+            if past is None:
+                past = [feed.pop(name) for name, _ in self.spec.past]
+            feed.update({name: value for (name, _), value in zip(self.spec.past, past)})
+            logits, *present = self.sess.run(self._outputs, feed)
+            return int(np.argmax(logits[0, -1])), present
         binding = self.sess.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
         if past is not None:
             for (name, _), value in zip(self.spec.past, past):
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        buf = self._logits_buffer(feed["input_ids"].shape[1])
+        if buf is None:
+            binding.bind_output("logits", "cpu")
+        else:
+            binding.bind_output("logits", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         for _, present in self.spec.past:
             binding.bind_output(present, self.device, self.device_id)
         self.sess.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
+        logits = outputs[0].numpy() if buf is None else buf
         return int(np.argmax(logits[0, -1])), list(outputs[1:])
 
     def prefill(self, ids: np.ndarray) -> tuple[int, list[Any]]:
@@ -416,13 +448,14 @@ class _Greedy:
 
 
 def decode_speed(session: SessionLike, prompt_ids: np.ndarray, new_tokens: int = 32,
-                 warmup: bool = True) -> dict[str, Any]:
+                 warmup: bool = True, io_binding: bool = True) -> dict[str, Any]:
     """Greedy generation timed in two phases: prefill of the prompt, then one token at a time.
 
     The prefill yields the first new token; ``new_tokens - 1`` decode steps yield the rest, each
     feeding the KV cache of the previous step back (kept on the session's device). Returns
     ``prompt_tokens``, ``new_tokens``, ``prefill_seconds``, ``prefill_tokens_per_s``,
     ``decode_seconds``, ``decode_tokens_per_s`` and the generated ``tokens``.
+    ``io_binding=False`` runs the plain numpy path instead (see :class:`_Greedy`).
     """
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     if len(prompt) < 1 or new_tokens < 2:
@@ -433,7 +466,7 @@ def decode_speed(session: SessionLike, prompt_ids: np.ndarray, new_tokens: int =
     if not spec.has_past:
         raise SerqError("model has no past_key_values inputs, so it cannot decode with a KV "
                         "cache; export it with --task text-generation-with-past")
-    gen = _Greedy(sess, spec)
+    gen = _Greedy(sess, spec, io_binding=io_binding)
     if warmup:  # first runs allocate and pick kernels; keep them out of the timings
         token, past = gen.prefill(prompt)
         gen.step(token, len(prompt), past)
