@@ -14,11 +14,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-ORDER = ("scalar", "avx2", "avx512vnni")
+ORDER = ("scalar", "avx2", "avxvnni", "avx512vnni")
 # CPU flags (/proc/cpuinfo spelling) the kernel's run-time detection requires (int_gemm_x86.cc).
 _FLAGS = {"avx2": {"avx2", "fma"},
+          "avxvnni": {"avx2", "fma", "avx_vnni"},
           "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
 _CHOICE = re.compile(r"SerqMatMul: K=\d+ N=\d+ rank=\d+ block=\d+ bits_w=\d+ bits_a=\d+: (\w+) kernel")
+
+
+def required_flags(isa: str) -> set[str]:
+    """The /proc/cpuinfo flags the kernel's detection of ``isa`` requires."""
+    return _FLAGS.get(isa, set())
 
 
 def cpu_isas() -> list[str]:
@@ -33,14 +39,11 @@ def cpu_isas() -> list[str]:
 
 
 def expected_kernel(cap: str, bits_w: int, block: int) -> str:
-    """The micro-kernel the dispatch (X86GemmKernel) picks for a block shape, at most ``cap``:
-    SIMD kernels take whole 32-code chunks (16 for 8-bit weights on AVX2), else a lower set."""
-    for isa in reversed(ORDER[: ORDER.index(cap) + 1]):
-        if isa == "avx512vnni" and block % 32 == 0:
-            return isa
-        if isa == "avx2" and block % (32 if bits_w == 4 else 16) == 0:
-            return isa
-    return "scalar"
+    """The kernel the dispatch (X86GemmKernel) picks for a block shape, at most ``cap``: the
+    SIMD kernels read whole panel rows (8 codes with 4-bit weights, 4 with 8-bit), else scalar."""
+    if cap == "scalar" or block % (8 if bits_w == 4 else 4):
+        return "scalar"
+    return cap
 
 
 @contextlib.contextmanager

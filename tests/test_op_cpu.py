@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 import serq_onnx  # noqa: E402
 from serq_onnx import reference as ref  # noqa: E402
 
+import op_isa  # noqa: E402
 from op_models import (  # noqa: E402
     codes_case,
     feeds,
@@ -112,6 +113,27 @@ def test_matches_reference(name, isa):
     sym = [f"d{i}" for i in range(len(lead))] + [K]
     y = session(make_model(case, sym)).run(None, {"A": A})[0]
     _check(case, A, y)
+
+
+# (bits_w, block): panel kernels take blocks of whole panel rows (8 codes with 4-bit weights, 4
+# with 8-bit); 4-bit blocks of 12 and 8-bit blocks of 6 take the scalar kernel.
+CHOICE_CASES = [(4, 128), (4, 32), (4, 8), (4, 12), (8, 128), (8, 4), (8, 6)]
+
+
+@pytest.mark.parametrize("cap", op_isa.ORDER)
+def test_each_instruction_set_runs_and_matches(cap):
+    """Every instruction set the CPU has: the kernel that actually ran (its own report, not the
+    cap) is the expected one, and its results match the reference."""
+    if cap not in op_isa.cpu_isas():
+        pytest.skip(f"this CPU lacks {cap} (flags {sorted(op_isa.required_flags(cap))})")
+    for bw, block in CHOICE_CASES:
+        K, N = 3 * block + 5, 37
+        case = random_case(K, N, min(K, 2 * block + 3), block, block, bw, 8, seed=block + bw,
+                           act_scale=True, act_perm=np.int32, bias=True)
+        A = _activations((5, K), seed=block)
+        sess, used = op_isa.session_with_isa(lambda: session(make_model(case, ["M", K])), cap)
+        assert used == op_isa.expected_kernel(cap, bw, block), (cap, bw, block, used)
+        _check(case, A, sess.run(None, {"A": A})[0])
 
 
 @pytest.mark.parametrize(
@@ -298,11 +320,11 @@ def test_instruction_sets_agree_bitwise(name, monkeypatch):
     model = make_model(case, [f"d{i}" for i in range(len(lead))] + [K])
     A = _activations(lead + (K,), seed=8)
     outs = {}
-    for isa in ("scalar", "avx2", "avx512vnni"):
+    for isa in ("scalar", "avx2", "avxvnni", "avx512vnni"):
         monkeypatch.setenv("SERQ_ONNX_ISA", isa)
         outs[isa] = session(model).run(None, {"A": A})[0]
-    np.testing.assert_array_equal(outs["avx2"], outs["scalar"])
-    np.testing.assert_array_equal(outs["avx512vnni"], outs["scalar"])
+    for isa in ("avx2", "avxvnni", "avx512vnni"):
+        np.testing.assert_array_equal(outs[isa], outs["scalar"], err_msg=isa)
 
 
 # (K, N, rank, group_w, group_a, bits_w, bits_a, leading dims of A): odd blocks, which start at

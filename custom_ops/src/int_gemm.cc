@@ -2,6 +2,12 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+
+#ifndef ORT_API_MANUAL_INIT
+#error "build with -DORT_API_MANUAL_INIT"
+#endif
+#include <onnxruntime_cxx_api.h>
 
 namespace serq {
 
@@ -36,33 +42,37 @@ inline int32_t BlockDotScalar(const uint8_t* a, const uint8_t* wrow, int64_t k0,
 }
 
 template <int kBitsW>
-void TileScalar(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int ncols, float* out) {
+void RegionScalar(const GemmProblem& p, const OutputSink& out, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const SerqLayout& L = *p.L;
   const int64_t bs = L.block;
   const int64_t ranges[2][2] = {{0, L.main_blocks}, {L.ext_begin, L.ext_begin + L.ext_blocks}};
-  for (int c = 0; c < ncols; ++c) {
-    const int64_t n = n0 + c;
-    const uint8_t* wrow = p.B + n * L.b_row_bytes;
-    const float* wsc = p.w_scales + n * L.n_wgroups;
-    const int32_t* wsum = p.wsum + n * L.n_blocks;
-    for (int r = 0; r < nrows; ++r) {
-      const int64_t m = row0 + r;
-      const uint8_t* arow = p.qa + m * L.K_ext;
-      float acc = 0.0f;
-      for (const auto& rg : ranges) {
-        for (int64_t b = rg[0]; b < rg[1]; ++b) {
-          const int64_t k0 = b * bs;
-          const int32_t dot = BlockDotScalar<kBitsW>(arow + k0, wrow, k0, bs);
-          const int64_t ia = ActParamIndex(m, b, L.n_blocks);
-          const float sa = p.a_scale[ia];
-          const float sw = wsc[k0 / L.a.group_w];
-          // Wrapping arithmetic, as the SIMD kernels do (exact for contract-conforming data).
-          const auto diff = static_cast<int32_t>(static_cast<uint32_t>(dot) -
-                                                 static_cast<uint32_t>(p.a_zero[ia]) * static_cast<uint32_t>(wsum[b]));
-          acc += (sa * sw) * static_cast<float>(diff);
+  constexpr int64_t kCols = 16;
+  float vals[kCols];
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* arow = p.act.codes + m * L.K_ext;
+    const float* sa_row = p.act.scale + m * L.n_blocks;
+    const int32_t* za_row = p.act.zero + m * L.n_blocks;
+    for (int64_t nc0 = n0; nc0 < n1; nc0 += kCols) {
+      const int64_t nc = n1 - nc0 < kCols ? n1 - nc0 : kCols;
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t n = nc0 + c;
+        const uint8_t* wrow = p.B + n * L.b_row_bytes;
+        const float* wsc = p.w_scales + n * L.n_wgroups;
+        const int32_t* wsum = p.wsum + n * L.n_blocks;
+        float acc = 0.0f;
+        for (const auto& rg : ranges) {
+          for (int64_t b = rg[0]; b < rg[1]; ++b) {
+            const int64_t k0 = b * bs;
+            const int32_t dot = BlockDotScalar<kBitsW>(arow + k0, wrow, k0, bs);
+            // Wrapping arithmetic, as the SIMD kernels do (exact for contract-conforming data).
+            const auto diff = static_cast<int32_t>(static_cast<uint32_t>(dot) -
+                                                   static_cast<uint32_t>(za_row[b]) * static_cast<uint32_t>(wsum[b]));
+            acc += (sa_row[b] * wsc[k0 / L.a.group_w]) * static_cast<float>(diff);
+          }
         }
+        vals[c] = acc;
       }
-      out[c * kTileRows + r] = acc;
+      StoreRow(out, m, nc0, nc, vals);
     }
   }
 }
@@ -73,23 +83,39 @@ Isa IsaFromEnv(Isa detected) {
   Isa want = detected;
   if (!std::strcmp(env, "scalar")) want = Isa::kScalar;
   else if (!std::strcmp(env, "avx2")) want = Isa::kAvx2;
+  else if (!std::strcmp(env, "avxvnni")) want = Isa::kAvxVnni;
   else if (!std::strcmp(env, "avx512vnni")) want = Isa::kAvx512Vnni;
   return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
 }
 
 }  // namespace
 
-void GemmTileScalar(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int ncols, float* out) {
+void GemmRegionScalar(const GemmProblem& p, const OutputSink& out, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (p.L->a.bits_w == 4) {
-    TileScalar<4>(p, row0, nrows, n0, ncols, out);
+    RegionScalar<4>(p, out, m0, m1, n0, n1);
   } else {
-    TileScalar<8>(p, row0, nrows, n0, ncols, out);
+    RegionScalar<8>(p, out, m0, m1, n0, n1);
+  }
+}
+
+void StoreRow(const OutputSink& out, int64_t m, int64_t n0, int64_t ncols, const float* values) {
+  const bool ok = out.row_ok[m] != 0;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (out.fp16) {
+    auto* y = static_cast<Ort::Float16_t*>(out.Y) + m * out.N + n0;
+    for (int64_t c = 0; c < ncols; ++c) {
+      y[c] = Ort::Float16_t(ok ? (out.bias ? values[c] + out.bias[n0 + c] : values[c]) : nan);
+    }
+  } else {
+    float* y = static_cast<float*>(out.Y) + m * out.N + n0;
+    for (int64_t c = 0; c < ncols; ++c) y[c] = ok ? (out.bias ? values[c] + out.bias[n0 + c] : values[c]) : nan;
   }
 }
 
 const char* IsaName(Isa isa) {
   switch (isa) {
     case Isa::kAvx512Vnni: return "avx512vnni";
+    case Isa::kAvxVnni: return "avxvnni";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
@@ -99,6 +125,8 @@ Isa DetectIsa() {
   Isa best = Isa::kScalar;
   if (X86CpuSupports(Isa::kAvx512Vnni)) {
     best = Isa::kAvx512Vnni;
+  } else if (X86CpuSupports(Isa::kAvxVnni)) {
+    best = Isa::kAvxVnni;
   } else if (X86CpuSupports(Isa::kAvx2)) {
     best = Isa::kAvx2;
   }
@@ -110,7 +138,7 @@ GemmKernel SelectGemmKernel(const SerqLayout& L, Isa isa) {
     GemmKernel k;
     if (X86GemmKernel(L, static_cast<Isa>(level), &k)) return k;
   }
-  return GemmKernel{&GemmTileScalar, nullptr, ActOrder::kNatural, false, Isa::kScalar};
+  return GemmKernel{&GemmRegionScalar, 0, false, Isa::kScalar};
 }
 
 }  // namespace serq

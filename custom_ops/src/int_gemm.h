@@ -1,63 +1,71 @@
-// Integer GEMM of quantized activation rows with packed SerqMatMul weights.
+// Integer GEMM of quantized activation rows with SerqMatMul weights.
 //
 // For every active block b, row m and column n:
 //   y[m, n] += (a_scale[m, b] * w_scale[n, b]) * float(dot(qa[m, block], qw[n, block]) - a_zero[m, b] * wsum[n, b])
-// with the dot product exact in int32 and the float operations in this order, so that every
-// micro-kernel (scalar or SIMD) returns bit-identical results. Micro-kernels compute a tile of
-// up to kTileRows rows by kTileCols columns.
+// with the dot product exact in int32 (wrapping) and the float operations in this order, blocks
+// in the order main then salient, so that every kernel (scalar or SIMD) returns bit-identical
+// results. The scalar kernel reads the op's B as stored; the SIMD kernels read column panels
+// (weight_panels.h).
 #pragma once
 
 #include <cstdint>
 
 #include "isa.h"
-#include "quantize_act.h"
 #include "serq_layout.h"
+#include "weight_panels.h"
 
 namespace serq {
 
-constexpr int kTileRows = 4;
-constexpr int kTileCols = 2;
-
-// Activation block parameters are stored per row tile: [M / kTileRows][n_blocks][kTileRows],
-// so one tile's values for a block are contiguous.
-inline int64_t ActParamIndex(int64_t m, int64_t b, int64_t n_blocks) {
-  return ((m / kTileRows) * n_blocks + b) * kTileRows + m % kTileRows;
-}
+// The quantized activation rows (quantize_act.h), row-major.
+struct ActRows {
+  const uint8_t* codes;   // [M, K_ext], codes in natural order
+  const float* scale;     // [M, n_blocks]
+  const int32_t* zero;    // [M, n_blocks]
+  const int32_t* corr;    // [M, n_blocks]: 8 * sum of the block's codes (4-bit panel kernels), or nullptr
+};
 
 struct GemmProblem {
   const SerqLayout* L;
-  const uint8_t* qa;        // [M, K_ext] activation codes, ordered as the micro-kernel needs
-  const float* a_scale;     // ActParamIndex layout, rows padded to a multiple of kTileRows
-  const int32_t* a_zero;    // same layout
-  const int32_t* a_corr;    // same layout, QuantRowOut::blk_corr; only for kernels that need it
+  ActRows act;
+  // The op's weight inputs (scalar kernel).
   const uint8_t* B;         // [N, b_row_bytes]
   const float* w_scales;    // [N, n_wgroups]
   const int32_t* wsum;      // [N, n_blocks]
+  // The same weights as panels (SIMD kernels).
+  PanelLayout P;
+  Panels panels;
 };
 
-// out[c * kTileRows + r] = result for row row0 + r (r < nrows) and column n0 + c (c < ncols),
-// nrows in [1, kTileRows], ncols in [1, kTileCols]; row0 is a multiple of kTileRows.
-using GemmTileFn = void (*)(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int ncols, float* out);
+// Where results go: Y[m, n] = (row_ok[m] ? value (+ bias[n]) : NaN), float32 or float16.
+struct OutputSink {
+  void* Y;
+  bool fp16;
+  int64_t N;
+  const float* bias;      // nullable
+  const uint8_t* row_ok;  // [M]
+};
+// Stores values[0 .. ncols) of row m at columns n0 ..; the one place output is written.
+void StoreRow(const OutputSink& out, int64_t m, int64_t n0, int64_t ncols, const float* values);
 
-// out[c] = result for the single row `row` and column n0 + c, c < ncols <= kRowCols (decode).
-constexpr int kRowCols = 8;
-using GemmRowFn = void (*)(const GemmProblem& p, int64_t row, int64_t n0, int ncols, float* out);
+// Computes and stores rows [m0, m1) x columns [n0, n1); n0 is a multiple of the kernel's
+// column unit.
+using GemmRegionFn = void (*)(const GemmProblem& p, const OutputSink& out, int64_t m0, int64_t m1,
+                              int64_t n0, int64_t n1);
 
 struct GemmKernel {
-  GemmTileFn tile;
-  GemmRowFn row;    // nullable: single rows then go through `tile`
-  ActOrder order;   // activation code order `tile` expects
-  bool needs_corr;  // whether `tile` / `row` read GemmProblem::a_corr
+  GemmRegionFn run;
+  int panel_width;  // columns per panel; 0: reads B as stored
+  bool needs_corr;  // whether it reads ActRows::corr
   Isa isa;          // instruction set actually used (a block shape may force a lower one)
 };
 
-// The micro-kernel for this layout on (at most) `isa`.
+// The kernel for this layout on (at most) `isa`.
 GemmKernel SelectGemmKernel(const SerqLayout& L, Isa isa);
 
-// Portable micro-kernel (natural code order); the definition of the result.
-void GemmTileScalar(const GemmProblem& p, int64_t row0, int nrows, int64_t n0, int ncols, float* out);
+// Portable kernel; the definition of the result.
+void GemmRegionScalar(const GemmProblem& p, const OutputSink& out, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
-// x86 micro-kernels (int_gemm_x86.cc); false where the build has none for this layout and isa.
+// x86 panel kernels (int_gemm_x86.cc); false where the build or CPU has none for this layout and isa.
 bool X86GemmKernel(const SerqLayout& L, Isa isa, GemmKernel* out);
 
 }  // namespace serq

@@ -3,11 +3,12 @@
 
 namespace serq {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+// Ordered: a higher set can run every lower one's kernels.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
 
 const char* IsaName(Isa isa);
 
-// Best instruction set this CPU supports, capped by $SERQ_ONNX_ISA (scalar | avx2 | avx512vnni)
+// Best instruction set this CPU supports, capped by $SERQ_ONNX_ISA (scalar | avx2 | avxvnni | avx512vnni)
 // when that is set (to exercise the fallbacks).
 Isa DetectIsa();
 

@@ -9,8 +9,10 @@
 #include <limits>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "call_scratch.h"
 #include "op_common.h"
 #include "quantize_act.h"
 #include "weight_check.h"
@@ -19,28 +21,19 @@ namespace serq {
 
 namespace {
 
-inline float ToFloat(float v) { return v; }
 inline float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
-template <typename T>
-inline T FromFloat(float v);
-template <>
-inline float FromFloat<float>(float v) { return v; }
-template <>
-inline Ort::Float16_t FromFloat<Ort::Float16_t>(float v) { return Ort::Float16_t(v); }
 
 // Per-row activation quantization over row chunks.
 template <typename T>
 struct QuantizeJob {
   const SerqLayout* L;
-  ActOrder order;
   QuantSpanKernels kern;
   const T* A;
   const float* act_scale;  // nullable
-  const int64_t* perm;     // nullable
+  const int32_t* perm;     // nullable
   int64_t M;
   int64_t rows_per_task;
-  float* xbuf;        // [tasks, K]
-  uint8_t* code_buf;  // [tasks, K_ext]
+  float* xbuf;  // [tasks, K]
   uint8_t* codes;
   float* blk_scale;
   int32_t* blk_zero;
@@ -50,40 +43,34 @@ struct QuantizeJob {
   static void Run(void* self, size_t task) {
     const auto& j = *static_cast<const QuantizeJob*>(self);
     const SerqLayout& L = *j.L;
-    const int64_t K = L.a.K;
+    const int64_t K = L.a.K, nb = L.n_blocks;
     float* x = j.xbuf + static_cast<int64_t>(task) * K;
-    uint8_t* scratch = j.code_buf + static_cast<int64_t>(task) * L.K_ext;
     const int64_t m0 = static_cast<int64_t>(task) * j.rows_per_task;
     const int64_t m1 = std::min(j.M, m0 + j.rows_per_task);
     for (int64_t m = m0; m < m1; ++m) {
-      const T* a = j.A + m * K;
-      // X^[j] = A[perm[j]] * act_scale[j], in float32 as the reference computes it.
-      if (j.perm) {
-        for (int64_t k = 0; k < K; ++k) x[k] = ToFloat(a[j.perm[k]]);
+      // X^[k] = A[perm[k]] * act_scale[k], in float32 as the reference computes it.
+      if constexpr (std::is_same_v<T, float>) {
+        j.kern.gather_scale(j.A + m * K, j.perm, j.act_scale, K, x);
       } else {
-        for (int64_t k = 0; k < K; ++k) x[k] = ToFloat(a[k]);
+        const T* a = j.A + m * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = ToFloat(a[j.perm ? j.perm[k] : k]);
+          x[k] = j.act_scale ? v * j.act_scale[k] : v;
+        }
       }
-      if (j.act_scale) {
-        for (int64_t k = 0; k < K; ++k) x[k] = x[k] * j.act_scale[k];
-      }
-      const int64_t ip = ActParamIndex(m, 0, L.n_blocks);
-      const QuantRowOut out{j.codes + m * L.K_ext, j.blk_scale + ip, j.blk_zero + ip,
-                            j.blk_corr ? j.blk_corr + ip : nullptr, kTileRows};
-      j.row_ok[m] = QuantizeActRow(x, L, j.order, j.kern, out, scratch) ? 1 : 0;
+      const QuantRowOut out{j.codes + m * L.K_ext, j.blk_scale + m * nb, j.blk_zero + m * nb,
+                            j.blk_corr ? j.blk_corr + m * nb : nullptr};
+      j.row_ok[m] = QuantizeActRow(x, L, j.kern, out) ? 1 : 0;
     }
   }
 };
 
-template <typename T>
 struct GemmJob {
   GemmProblem prob;
-  GemmTileFn tile;
-  GemmRowFn row;  // nullable
+  OutputSink out;
+  GemmRegionFn run;
   int64_t M, N;
   int64_t rows_per_task, cols_per_task, col_tasks;
-  const uint8_t* row_ok;
-  const float* bias;  // nullable
-  T* Y;
 
   static void Run(void* self, size_t task) {
     const auto& j = *static_cast<const GemmJob*>(self);
@@ -91,86 +78,40 @@ struct GemmJob {
     const int64_t ct = static_cast<int64_t>(task) % j.col_tasks;
     const int64_t m0 = rt * j.rows_per_task, m1 = std::min(j.M, m0 + j.rows_per_task);
     const int64_t n0 = ct * j.cols_per_task, n1 = std::min(j.N, n0 + j.cols_per_task);
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    if (m1 - m0 == 1 && j.row) {
-      // A single row (decode): wider column tiles keep all SIMD lanes busy.
-      float acc[kRowCols];
-      const bool ok = j.row_ok[m0] != 0;
-      for (int64_t n = n0; n < n1; n += kRowCols) {
-        const int nc = static_cast<int>(std::min<int64_t>(kRowCols, n1 - n));
-        j.row(j.prob, m0, n, nc, acc);
-        for (int c = 0; c < nc; ++c) {
-          j.Y[m0 * j.N + n + c] = FromFloat<T>(ok ? (j.bias ? acc[c] + j.bias[n + c] : acc[c]) : nan);
-        }
-      }
-      return;
-    }
-    float acc[kTileRows * kTileCols];
-    // Row tiles must start at multiples of kTileRows (the activation parameter layout).
-    for (int64_t n = n0; n < n1; n += kTileCols) {
-      const int nc = static_cast<int>(std::min<int64_t>(kTileCols, n1 - n));
-      for (int64_t m = m0; m < m1; m += kTileRows) {
-        const int nr = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
-        j.tile(j.prob, m, nr, n, nc, acc);
-        for (int c = 0; c < nc; ++c) {
-          const float bn = j.bias ? j.bias[n + c] : 0.0f;
-          for (int r = 0; r < nr; ++r) {
-            const float v = acc[c * kTileRows + r];
-            j.Y[(m + r) * j.N + n + c] = FromFloat<T>(j.row_ok[m + r] ? (j.bias ? v + bn : v) : nan);
-          }
-        }
-      }
-    }
+    j.run(j.prob, j.out, m0, m1, n0, n1);
   }
 };
 
+struct PackJob {
+  const SerqLayout* L;
+  const PanelLayout* P;
+  const uint8_t* B;
+  const float* scales;
+  const int32_t* wsum;
+  int64_t panels_per_task;
+  uint8_t* codes;
+  float* out_scales;
+  int32_t* out_wsum;
+
+  static void Run(void* self, size_t task) {
+    const auto& j = *static_cast<const PackJob*>(self);
+    const int64_t p0 = static_cast<int64_t>(task) * j.panels_per_task;
+    const int64_t p1 = std::min(j.P->n_panels, p0 + j.panels_per_task);
+    PackPanels(*j.L, *j.P, j.B, j.scales, j.wsum, p0, p1, j.codes, j.out_scales, j.out_wsum);
+  }
+};
+
+void ParallelRun(const Ort::KernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* job) {
+  if (tasks <= 1 || !ctx) {
+    for (int64_t t = 0; t < tasks; ++t) fn(job, static_cast<size_t>(t));
+  } else {
+    ctx->ParallelFor(fn, static_cast<size_t>(tasks), 0, job);
+  }
+}
+
 template <typename T>
-void RunTyped(const Ort::KernelContext& ctx, const SerqLayout& L, const GemmKernel& gemm,
-              const QuantSpanKernels& quant, const T* A, int64_t M,
-              const float* act_scale, const int64_t* perm, const uint8_t* B, const float* w_scales,
-              const int32_t* wsum, const float* bias, T* Y) {
-  const int64_t K = L.a.K, N = L.a.N;
-
-  std::vector<uint8_t> codes(static_cast<size_t>(M * L.K_ext));
-  // Block parameters in ActParamIndex layout; rows of the last tile past M stay 0.
-  const int64_t m_tiles = CeilDiv(M, kTileRows);
-  std::vector<float> blk_scale(static_cast<size_t>(m_tiles * kTileRows * L.n_blocks));
-  std::vector<int32_t> blk_zero(static_cast<size_t>(m_tiles * kTileRows * L.n_blocks));
-  std::vector<int32_t> blk_corr(gemm.needs_corr ? blk_zero.size() : 0);
-  std::vector<uint8_t> row_ok(static_cast<size_t>(M));
-
-  // Quantize each row once. Chunks keep the float scratch bounded.
-  const int64_t q_tasks_max = std::min<int64_t>(M, 64);
-  const int64_t rows_per_qtask = CeilDiv(M, q_tasks_max);
-  const int64_t q_tasks = CeilDiv(M, rows_per_qtask);
-  std::vector<float> xbuf(static_cast<size_t>(q_tasks * K));
-  std::vector<uint8_t> code_buf(gemm.order == ActOrder::kNatural ? 0 : static_cast<size_t>(q_tasks * L.K_ext));
-  QuantizeJob<T> qjob{&L,        gemm.order,   quant, A,           act_scale,       perm,
-                      M,         rows_per_qtask, xbuf.data(), code_buf.data(), codes.data(),
-                      blk_scale.data(), blk_zero.data(), gemm.needs_corr ? blk_corr.data() : nullptr,
-                      row_ok.data()};
-  if (q_tasks == 1) {
-    QuantizeJob<T>::Run(&qjob, 0);
-  } else {
-    ctx.ParallelFor(&QuantizeJob<T>::Run, static_cast<size_t>(q_tasks), 0, &qjob);
-  }
-
-  // Row chunks x column tiles; small M (decode) is split over columns only.
-  const int64_t rows_per_task = std::min<int64_t>(CeilTo(M, kTileRows), 8 * kTileRows);
-  const int64_t row_tasks = CeilDiv(M, rows_per_task);
-  int64_t cols = 64;
-  while (cols > 8 && row_tasks * CeilDiv(N, cols) < 64) cols /= 2;
-  const int64_t col_tasks = CeilDiv(N, cols);
-
-  GemmJob<T> gjob{GemmProblem{&L, codes.data(), blk_scale.data(), blk_zero.data(),
-                              gemm.needs_corr ? blk_corr.data() : nullptr, B, w_scales, wsum},
-                  gemm.tile, gemm.row, M, N, rows_per_task, cols, col_tasks, row_ok.data(), bias, Y};
-  const int64_t tasks = row_tasks * col_tasks;
-  if (tasks == 1) {
-    GemmJob<T>::Run(&gjob, 0);
-  } else {
-    ctx.ParallelFor(&GemmJob<T>::Run, static_cast<size_t>(tasks), 0, &gjob);
-  }
+T* Piece(uint8_t* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
 }
 
 }  // namespace
@@ -182,12 +123,24 @@ SerqMatMulCpuKernel::SerqMatMulCpuKernel(const OrtKernelInfo* info_ptr) {
   const Isa isa = DetectIsa();
   gemm_ = SelectGemmKernel(L_, isa);
   quant_ = GetQuantSpanKernels(isa);
+  P_ = MakePanelLayout(L_, gemm_.panel_width);
+  cpu_memory_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
 
   // Weight inputs that are constant initializers are checked once, here: a bad model fails when
   // the session is created, and Compute skips the value checks for them.
   ConstantInputs c = CheckConstantInputs(info, L_);
   std::copy(std::begin(c.validated), std::end(c.validated), validated_);
-  const_perm_ = std::move(c.perm);
+  const_perm_.assign(c.perm.begin(), c.perm.end());
+  // Constant weights are packed into the kernel's panel layout once.
+  if (P_.width && validated_[kB] && validated_[kScales] && validated_[kWsum]) {
+    panel_codes_.resize(P_.code_bytes());
+    panel_scales_.resize(P_.param_count());
+    panel_wsum_.resize(P_.param_count());
+    PackPanels(L_, P_, static_cast<const uint8_t*>(validated_[kB]), static_cast<const float*>(validated_[kScales]),
+               static_cast<const int32_t*>(validated_[kWsum]), 0, P_.n_panels, panel_codes_.data(),
+               panel_scales_.data(), panel_wsum_.data());
+    packed_ = true;
+  }
   if (const char* v = std::getenv("SERQ_ONNX_VERBOSE"); v && *v && std::strcmp(v, "0") != 0) {
     std::fprintf(stderr, "SerqMatMul: K=%lld N=%lld rank=%lld block=%lld bits_w=%lld bits_a=%lld: %s kernel\n",
                  static_cast<long long>(a.K), static_cast<long long>(a.N), static_cast<long long>(a.rank),
@@ -221,16 +174,9 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   if (B.data != validated_[kB] || wsum.data != validated_[kWsum]) {
     CheckWsum(L_, static_cast<const uint8_t*>(B.data), static_cast<const int32_t*>(wsum.data));
   }
-  std::vector<int64_t> perm;
-  const int64_t* pp = nullptr;
-  if (act_perm.present) {
-    if (act_perm.data == validated_[kActPerm]) {
-      pp = const_perm_.data();
-    } else {
-      perm = CheckPerm(act_perm.data, act_perm.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, K);
-      pp = perm.data();
-    }
-  }
+  const bool fed_perm = act_perm.present && act_perm.data != validated_[kActPerm];
+  std::vector<int64_t> perm64;
+  if (fed_perm) perm64 = CheckPerm(act_perm.data, act_perm.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, K);
 
   std::vector<int64_t> out_shape(A.shape.begin(), A.shape.end() - 1);
   out_shape.push_back(N);
@@ -240,15 +186,79 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   const auto* Bp = static_cast<const uint8_t*>(B.data);
   const auto* sp = static_cast<const float*>(scales.data);
   const auto* wp = static_cast<const int32_t*>(wsum.data);
-  const float* asp = act_scale.present ? static_cast<const float*>(act_scale.data) : nullptr;
-  const float* bp = bias.present ? static_cast<const float*>(bias.data) : nullptr;
-  if (A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-    RunTyped<float>(ctx, L_, gemm_, quant_, static_cast<const float*>(A.data), M, asp, pp, Bp, sp, wp, bp,
-                    Y.GetTensorMutableData<float>());
-  } else {
-    RunTyped<Ort::Float16_t>(ctx, L_, gemm_, quant_, static_cast<const Ort::Float16_t*>(A.data), M, asp, pp, Bp, sp, wp,
-                             bp, Y.GetTensorMutableData<Ort::Float16_t>());
+  const bool use_packed = packed_ && B.data == validated_[kB] && scales.data == validated_[kScales] &&
+                          wsum.data == validated_[kWsum];
+  const bool pack_now = P_.width && !use_packed;
+
+  // Quantize each row once, in chunks that keep the float scratch bounded.
+  const int64_t q_tasks_max = std::min<int64_t>(M, 64);
+  const int64_t rows_per_qtask = CeilDiv(M, q_tasks_max);
+  const int64_t q_tasks = CeilDiv(M, rows_per_qtask);
+  const int64_t nb = L_.n_blocks;
+
+  // All per-call memory comes from onnxruntime's allocator, in one piece.
+  CallScratch scratch(context, cpu_memory_, 64, "CPU scratch memory");
+  const size_t o_codes = scratch.Reserve(static_cast<size_t>(M * L_.K_ext));
+  const size_t o_scale = scratch.Reserve(static_cast<size_t>(M * nb) * sizeof(float));
+  const size_t o_zero = scratch.Reserve(static_cast<size_t>(M * nb) * sizeof(int32_t));
+  const size_t o_corr = scratch.Reserve(gemm_.needs_corr ? static_cast<size_t>(M * nb) * sizeof(int32_t) : 0);
+  const size_t o_ok = scratch.Reserve(static_cast<size_t>(M));
+  const size_t o_x = scratch.Reserve(static_cast<size_t>(q_tasks * K) * sizeof(float));
+  const size_t o_perm = scratch.Reserve(fed_perm ? static_cast<size_t>(K) * sizeof(int32_t) : 0);
+  const size_t o_pc = scratch.Reserve(pack_now ? P_.code_bytes() : 0);
+  const size_t o_ps = scratch.Reserve(pack_now ? P_.param_count() * sizeof(float) : 0);
+  const size_t o_pw = scratch.Reserve(pack_now ? P_.param_count() * sizeof(int32_t) : 0);
+  uint8_t* base = scratch.Allocate();
+
+  const int32_t* pp = nullptr;
+  if (fed_perm) {
+    int32_t* p32 = Piece<int32_t>(base, o_perm);
+    for (int64_t k = 0; k < K; ++k) p32[k] = static_cast<int32_t>(perm64[k]);
+    pp = p32;
+  } else if (act_perm.present) {
+    pp = const_perm_.data();
   }
+
+  Panels panels{panel_codes_.data(), panel_scales_.data(), panel_wsum_.data()};
+  if (pack_now) {
+    panels = Panels{Piece<uint8_t>(base, o_pc), Piece<float>(base, o_ps), Piece<int32_t>(base, o_pw)};
+    const int64_t per = std::max<int64_t>(1, CeilDiv(P_.n_panels, 16));
+    PackJob pj{&L_, &P_, Bp, sp, wp, per, Piece<uint8_t>(base, o_pc), Piece<float>(base, o_ps),
+               Piece<int32_t>(base, o_pw)};
+    ParallelRun(&ctx, &PackJob::Run, CeilDiv(P_.n_panels, per), &pj);
+  }
+
+  uint8_t* codes = Piece<uint8_t>(base, o_codes);
+  float* blk_scale = Piece<float>(base, o_scale);
+  int32_t* blk_zero = Piece<int32_t>(base, o_zero);
+  int32_t* blk_corr = gemm_.needs_corr ? Piece<int32_t>(base, o_corr) : nullptr;
+  uint8_t* row_ok = Piece<uint8_t>(base, o_ok);
+  const float* asp = act_scale.present ? static_cast<const float*>(act_scale.data) : nullptr;
+  const bool fp16 = A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if (fp16) {
+    QuantizeJob<Ort::Float16_t> qj{&L_, quant_, static_cast<const Ort::Float16_t*>(A.data), asp, pp, M,
+                                   rows_per_qtask, Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr,
+                                   row_ok};
+    ParallelRun(&ctx, &QuantizeJob<Ort::Float16_t>::Run, q_tasks, &qj);
+  } else {
+    QuantizeJob<float> qj{&L_, quant_, static_cast<const float*>(A.data), asp, pp, M, rows_per_qtask,
+                          Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr, row_ok};
+    ParallelRun(&ctx, &QuantizeJob<float>::Run, q_tasks, &qj);
+  }
+
+  // Row chunks x column chunks (whole panels); one row (decode) is split over columns only.
+  const int64_t unit = P_.width ? P_.width : 8;
+  const int64_t rows_per_task = std::min<int64_t>(M, 16);
+  const int64_t row_tasks = CeilDiv(M, rows_per_task);
+  int64_t cols = std::max<int64_t>(unit, 64 / unit * unit);
+  while (cols > 2 * unit && row_tasks * CeilDiv(N, cols) < 32) cols = CeilTo(cols / 2, unit);
+  const int64_t col_tasks = CeilDiv(N, cols);
+
+  GemmJob gj{GemmProblem{&L_, ActRows{codes, blk_scale, blk_zero, blk_corr}, Bp, sp, wp, P_, panels},
+             OutputSink{Y.GetTensorMutableRawData(), fp16, N,
+                        bias.present ? static_cast<const float*>(bias.data) : nullptr, row_ok},
+             gemm_.run, M, N, rows_per_task, cols, col_tasks};
+  ParallelRun(&ctx, &GemmJob::Run, row_tasks * col_tasks, &gj);
 }
 
 OrtStatusPtr SerqMatMulCpuKernel::ComputeV2(OrtKernelContext* context) noexcept {

@@ -11,7 +11,9 @@
 
 #include "int_gemm.h"
 #include "op_common.h"
+#include "quantize_act.h"
 #include "serq_layout.h"
+#include "weight_panels.h"
 
 namespace serq {
 
@@ -32,11 +34,18 @@ class SerqMatMulCpuKernel {
   // Data of the inputs (by index) that were constant initializers when the kernel was created and
   // passed the value checks then; nullptr where the check runs on every call instead.
   const void* validated_[7] = {};
-  std::vector<int64_t> const_perm_;  // act_perm as int64 when validated_[5]
+  std::vector<int32_t> const_perm_;  // act_perm when validated_[5]
 
   SerqLayout L_;
   GemmKernel gemm_;
   QuantSpanKernels quant_;
+  PanelLayout P_;
+  // Panels of constant weights, packed once here; fed weights are packed per call.
+  bool packed_ = false;
+  std::vector<uint8_t> panel_codes_;
+  std::vector<float> panel_scales_;
+  std::vector<int32_t> panel_wsum_;
+  Ort::MemoryInfo cpu_memory_{nullptr};
 };
 
 // CreateKernelV2 implementation shared by the registered overloads.

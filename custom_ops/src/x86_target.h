@@ -6,5 +6,6 @@
 #define SERQ_HAVE_X86_KERNELS 1
 #include <immintrin.h>
 #define SERQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define SERQ_TARGET_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
 #define SERQ_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif

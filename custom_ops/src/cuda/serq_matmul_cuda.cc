@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "call_scratch.h"
 #include "cuda/repack.h"
 #include "weight_check.h"
 
@@ -19,8 +20,6 @@ namespace {
 constexpr size_t kAlign = 256;
 constexpr size_t kMaxCachedPlans = 256;
 
-size_t AlignUp(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
 bool InputPresent(const Ort::ConstKernelInfo& info, size_t n_inputs, size_t i) {
   return i < n_inputs && !info.GetInputName(i).empty();
 }
@@ -29,39 +28,6 @@ bool Verbose() {
   const char* v = std::getenv("SERQ_ONNX_VERBOSE");
   return v && *v && std::strcmp(v, "0") != 0;
 }
-
-// Per-call device memory from onnxruntime's allocator for this call, freed when the call returns
-// (stream-ordered reuse, as onnxruntime's own CUDA kernels do with their scratch).
-class CallScratch {
- public:
-  CallScratch(OrtKernelContext* ctx, const OrtMemoryInfo* info) {
-    Ort::ThrowOnError(Ort::GetApi().KernelContext_GetAllocator(ctx, info, &alloc_));
-  }
-  ~CallScratch() {
-    if (p_) alloc_->Free(alloc_, p_);
-    Ort::GetApi().ReleaseAllocator(alloc_);
-  }
-  CallScratch(const CallScratch&) = delete;
-  CallScratch& operator=(const CallScratch&) = delete;
-
-  // Reserves `bytes` (256-byte aligned); returns the offset.
-  size_t Reserve(size_t bytes) {
-    const size_t off = size_;
-    size_ += AlignUp(bytes ? bytes : 1);
-    return off;
-  }
-  CUdeviceptr Allocate() {
-    if (!size_) return 0;
-    p_ = alloc_->Alloc(alloc_, size_);
-    if (!p_) throw OpError("onnxruntime's CUDA allocator could not provide " + std::to_string(size_) + " bytes of scratch");
-    return reinterpret_cast<CUdeviceptr>(p_);
-  }
-
- private:
-  OrtAllocator* alloc_ = nullptr;
-  void* p_ = nullptr;
-  size_t size_ = 0;
-};
 
 }  // namespace
 
@@ -237,7 +203,7 @@ void SerqMatMulCudaKernel::Compute(OrtKernelContext* context) {
   const Tables& t = GetTables();
 
   // Scratch of the plan, and device room for inputs fed at run time, in one allocation.
-  CallScratch scratch(context, mem_info_);
+  CallScratch scratch(context, mem_info_, kAlign, "CUDA scratch memory");
   size_t off[kMaxBufs] = {};
   bool in_scratch[kMaxBufs] = {};
   auto reserve = [&](int buf, size_t bytes) {
@@ -277,7 +243,7 @@ void SerqMatMulCudaKernel::Compute(OrtKernelContext* context) {
   for (const HostCopy& hc : copies) reserve(hc.buf, hc.bytes);
 
   ScopedContext scope(*d_, ctx_);
-  const CUdeviceptr base = scratch.Allocate();
+  const CUdeviceptr base = reinterpret_cast<CUdeviceptr>(scratch.Allocate());
   BufferAddresses bufs;
   for (int b = 0; b < kNumFixedBufs; ++b) bufs.addr[b] = const_addr_[b];
   if (!s.has_perm) bufs.addr[kBufActPerm] = 0;
