@@ -130,21 +130,54 @@ def _nbits(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time SerqMatMul against onnxruntime's kernels",
-                       description="Run float MatMul, MatMulNBits and SerqMatMul on the same "
-                       "shapes in one process and print times and ratios.")
-    p.add_argument("--model", type=Path, help="take the linear-layer shapes of this ONNX model")
+                       description="Time float MatMul, MatMulNBits (blocks 32 and 128, "
+                       "accuracy_level 0 and 4), onnxruntime's dynamic int8 and SerqMatMul "
+                       "w4a8/w4a4 on the same shapes in one process: each case model holds L "
+                       "independent nodes of one kernel with their own weights, timed inside "
+                       "one session call; prints ms per node and ratios.")
+    p.add_argument("--suite", default=None, metavar="NAME",
+                   help="shape set: smollm2, llama3-8b or all (default: smollm2 when neither "
+                   "--shape nor --model is given; otherwise none, and a given suite is added)")
+    p.add_argument("--model", type=Path,
+                   help="add the linear-layer shapes of this ONNX model (default: none)")
     p.add_argument("--shape", action="append", default=[], metavar="KxN",
-                   help="a weight shape (repeatable); default: SmolLM2-135M's")
-    p.add_argument("--m", default="1,16,128,1024", help="token counts, comma separated")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's)")
-    p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--group", type=int, default=128, help="weight group (MatMulNBits block)")
+                   help="add a weight shape (repeatable; default: none)")
+    p.add_argument("--m", default=",".join(map(str, bench_defaults()["ms"])),
+                   help="token counts, comma separated (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads (default 0: onnxruntime's default)")
+    p.add_argument("--rank", type=int, default=128,
+                   help="SerqMatMul salient rank (default 128, capped at K)")
+    p.add_argument("--group", type=int, default=128,
+                   help="SerqMatMul weight group (default 128; MatMulNBits runs blocks 32 and "
+                   "128)")
     p.add_argument("--group-a", type=int, default=None,
                    help="activation group of both SerqMatMul schemes (default: each scheme's "
                    "conversion default, 128 for w4a8 and 32 for w4a4)")
-    p.add_argument("--seconds", type=float, default=0.5, help="minimum timing per case")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--nodes", type=int, default=0, metavar="L",
+                   help="nodes per case model (default 0: automatic, enough weight copies for "
+                   "64 MiB, 8 to 64, fewer at large M)")
+    p.add_argument("--memory-mib", type=int, default=bench_defaults()["memory_mib"],
+                   metavar="MIB", help="weight copies of one kernel at most, in MiB "
+                   "(default %(default)s)")
+    p.add_argument("--seconds", type=float, default=0.5,
+                   help="minimum timing per kernel and case (default 0.5)")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write every raw figure as JSON (default: none)")
+    p.add_argument("--plot", type=Path, metavar="PATH.png",
+                   help="also draw the speed-ups over float MatMul as a PNG (needs "
+                   "matplotlib; default: none)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print a markdown table (for models/RESULTS-cpu.md) instead of the text "
+                   "table (default: text)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: shown)")
     p.set_defaults(func=_bench)
+
+
+def bench_defaults() -> dict:
+    # literal copies of bench.DEFAULT_MS / DEFAULT_MEMORY_MIB: the parser is built without
+    # importing numpy and onnx (tests/test_bench.py checks they agree)
+    return {"ms": [1, 8, 128, 512], "memory_mib": 1024}
 
 
 def _bench(args) -> int:
@@ -160,15 +193,34 @@ def _bench(args) -> int:
     if any(k < 2 or n < 1 for k, n in shapes):
         raise SerqError("--shape needs K >= 2 and N >= 1")
     bench.check_args(ms, threads=args.threads, rank=args.rank, group=args.group,
-                     group_a=args.group_a, min_seconds=args.seconds)
+                     group_a=args.group_a, min_seconds=args.seconds, nodes=args.nodes,
+                     memory_mib=args.memory_mib, suite=args.suite, json_path=args.json,
+                     plot_path=args.plot)
     if args.model:
         shapes += bench.shapes_of_model(args.model)
-    results = bench.run(shapes or bench.SMOLLM2_SHAPES, ms, threads=args.threads,
-                        rank=args.rank, group=args.group, group_a=args.group_a,
-                        min_seconds=args.seconds,
-                        progress=not args.quiet)
-    print(f"machine: {bench.machine_name()}")
-    print(bench.format_table(results))
+    suite = args.suite or (None if shapes else bench.DEFAULT_SUITE)
+    if suite:
+        shapes += [s for s in bench.SUITES[suite] if s not in shapes]
+    shapes = list(dict.fromkeys(shapes))
+    results = bench.run(shapes, ms, threads=args.threads, rank=args.rank, group=args.group,
+                        group_a=args.group_a, min_seconds=args.seconds, nodes=args.nodes,
+                        memory_mib=args.memory_mib, progress=not args.quiet)
+    machine = bench.machine_name()
+    if args.markdown:
+        print(bench.format_markdown(results, machine=machine, threads=args.threads), end="")
+    else:
+        print(f"machine: {machine}")
+        print(bench.threads_line(args.threads))
+        print(bench.format_table(results))
+    if args.json:
+        settings = dict(shapes=[list(s) for s in shapes], ms=ms, rank=args.rank,
+                        group=args.group, group_a=args.group_a, nodes=args.nodes,
+                        memory_mib=args.memory_mib, seconds=args.seconds)
+        bench.write_json(args.json, results, threads=args.threads, settings=settings)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.write_plot(args.plot, results, title=f"{machine}; {bench.threads_line(args.threads)}")
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
