@@ -156,7 +156,7 @@ def _add_bench(sub) -> None:
                    "conversion default, 128 for w4a8 and 32 for w4a4)")
     p.add_argument("--nodes", type=int, default=0, metavar="L",
                    help="nodes per case model (default 0: automatic, enough weight copies for "
-                   "64 MiB, 8 to 64, fewer at large M)")
+                   "64 MiB, 8 to 64, fewer at large M); always cut to --memory-mib")
     p.add_argument("--memory-mib", type=int, default=bench_defaults()["memory_mib"],
                    metavar="MIB", help="weight copies of one kernel at most, in MiB "
                    "(default %(default)s)")
