@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="intra-op threads of every session and of llama.cpp")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="idle threads sleep instead of spinning, in onnxruntime "
+                         "(allow_spinning 0) and llama.cpp (OMP_WAIT_POLICY=PASSIVE): on a "
+                         "machine shared with other work, spinning threads that lose their "
+                         "core stall every barrier")
     ap.add_argument("--int8-per-channel", action="store_true",
                     help="per-channel weight scales for the int8 variant")
     ap.add_argument("--json", type=Path, help="write the raw figures here (atomically)")
@@ -118,7 +123,7 @@ def run_speed(args: argparse.Namespace) -> int:
     text = mb.prompt_text(args.text, args.prompt_tokens)
     ids = mb.prompt_ids(args.float_model.parent, text, args.prompt_tokens)
     print(f"machine: {machine_name()}")
-    print(f"threads: {args.threads}; prompt: {len(ids)} tokens of {args.text.name}; decode: "
+    print(f"threads: {args.threads}{' (not spinning)' if args.no_spin else ''}; prompt: {len(ids)} tokens of {args.text.name}; decode: "
           f"{args.decode_tokens} greedy steps; median of {args.reps} after a warm-up")
     for s in skipped:
         print(f"skipped {s}")
@@ -133,7 +138,7 @@ def run_speed(args: argparse.Namespace) -> int:
                   f"{r.extra.get('system_info', '')}")
         else:
             r = mb.bench_onnx(v, ids, decode_tokens=args.decode_tokens, reps=args.reps,
-                              threads=args.threads)
+                              threads=args.threads, spinning=not args.no_spin)
         print(f"   prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
               f"{r.decode_tokens_per_s:.1f} tok/s", flush=True)
         results.append(r)
@@ -152,6 +157,7 @@ def run_speed(args: argparse.Namespace) -> int:
             onnxruntime.__version__, "llama_cpp_python": mb.llama_cpp_version(),
             "text": str(args.text), "prompt_tokens": len(ids),
             "decode_tokens": args.decode_tokens, "reps": args.reps, "skipped": skipped,
+            "spinning": not args.no_spin,
             "prompt_ids": ids.tolist(),
             "variants": {r.variant: {**r.to_dict(), "path": str(v.path)}
                          for r, v in zip(results, [v for v in variants])}})
@@ -171,7 +177,8 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"skipped {s}")
     out = {}
     for v in variants:
-        p = mb.profile_decode(v.path, ids, steps=args.profile_steps, threads=args.threads)
+        p = mb.profile_decode(v.path, ids, steps=args.profile_steps, threads=args.threads,
+                              spinning=not args.no_spin)
         print(mb.format_profile(v.name, p))
         print()
         out[v.name] = p.to_dict()
@@ -184,6 +191,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_spin:  # read once by the OpenMP runtime, when llama_cpp is first imported
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.json is not None and not args.json.parent.is_dir():
             raise SerqError(f"the folder of --json {args.json} does not exist")

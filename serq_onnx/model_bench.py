@@ -217,15 +217,20 @@ def uses_serq_ops(path: str | os.PathLike) -> bool:
     return any(op.domain == "com.serq" for op in proto.opset_import)
 
 
-def bench_session(path: str | os.PathLike, threads: int, *, options: Any = None) -> Any:
+def bench_session(path: str | os.PathLike, threads: int, *, options: Any = None,
+                  spinning: bool = True) -> Any:
     """A CPU session with ``threads`` intra-op threads (0: onnxruntime's default), the op
-    library registered when the model uses it."""
+    library registered when the model uses it. ``spinning=False`` makes idle pool threads
+    sleep instead of spin (``session.intra_op.allow_spinning`` 0), for machines shared with
+    other work."""
     import onnxruntime as ort
 
     so = options if options is not None else ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if uses_serq_ops(path):
         from .library import session_options
 
@@ -271,14 +276,15 @@ def _check_counts(prompt_tokens: int, decode_tokens: int, reps: int) -> None:
 
 
 def bench_onnx(variant: Variant, prompt: np.ndarray, *, decode_tokens: int = 128, reps: int = 3,
-               threads: int = 0, session: Any = None) -> SpeedResult:
+               threads: int = 0, session: Any = None, spinning: bool = True) -> SpeedResult:
     """Prefill of ``prompt`` then ``decode_tokens`` greedy steps, ``reps`` times, with
     :func:`serq_onnx.evaluate.decode_speed` (I/O binding, KV cache kept in OrtValues)."""
     from .evaluate import decode_speed
 
     prompt = np.asarray(prompt, np.int64).reshape(-1)
     _check_counts(len(prompt), decode_tokens, reps)
-    sess = session if session is not None else bench_session(variant.path, threads)
+    sess = (session if session is not None
+            else bench_session(variant.path, threads, spinning=spinning))
     pre, dec, tokens = [], [], None
     for r in range(reps):
         s = decode_speed(sess, prompt, new_tokens=decode_tokens + 1, warmup=r == 0)
@@ -299,14 +305,20 @@ def llama_cpp_version() -> str | None:
         import llama_cpp
     except ImportError:
         return None
-    return getattr(llama_cpp, "__version__", "unknown")
+    version = getattr(llama_cpp, "__version__", "unknown")
+    libs = sorted(Path(llama_cpp.__file__).parent.glob("lib/libggml-base.so.*.*"))
+    if libs:  # the bundled llama.cpp's ggml library version, e.g. libggml-base.so.0.25.3
+        version += f" (ggml {libs[-1].name.split('.so.', 1)[1]})"
+    return version
 
 
 def bench_llama_cpp(variant: Variant, text: str, *, prompt_tokens: int = 512,
                     decode_tokens: int = 128, reps: int = 3, threads: int = 0) -> SpeedResult:
     """The GGUF in llama.cpp (llama-cpp-python): its tokenizer on ``text``, the first
     ``prompt_tokens`` tokens as prompt, evaluated in one batch, then ``decode_tokens`` greedy
-    steps (argmax of the logits, one token per ``eval``); the cache is cleared between reps."""
+    steps (argmax of the logits, one token per ``eval``); the cache is cleared between reps.
+    llama.cpp's OpenMP threads spin while idle unless ``OMP_WAIT_POLICY=PASSIVE`` was set before
+    llama_cpp was first imported."""
     import llama_cpp
 
     _check_counts(prompt_tokens, decode_tokens, reps)
@@ -320,12 +332,15 @@ def bench_llama_cpp(variant: Variant, text: str, *, prompt_tokens: int = 512,
         raise SerqError(f"the text gives {len(ids)} llama.cpp tokens, fewer than {prompt_tokens}")
     ids = ids[:prompt_tokens]
 
-    def last_token() -> int:
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    n_vocab = llm.n_vocab()
+
+    def last_token() -> int:  # the logits of the batch's last token (the only one computed)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                       shape=(n_vocab,))
+        return int(np.argmax(logits))
 
     def once() -> tuple[float, float, list[int]]:
-        llm.reset()
-        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        llm.reset()  # the next eval drops the whole KV cache (it keeps only n_tokens = 0)
         t0 = time.perf_counter()
         llm.eval(ids)
         token = last_token()
@@ -486,7 +501,8 @@ class ProfileResult:
     prompt_tokens: int
     run_us_per_token: float  # mean wall time of one session run (one decode step)
     kernel_us_per_token: float  # sum of node kernel times per step
-    linear_us_per_token: float
+    linear_us_per_token: float  # the decoder linears and the LM head
+    lm_head_us_per_token: float
     other_us_per_token: float  # kernels outside the linear layers
     overhead_us_per_token: float  # run time not inside any node's kernel
     by_op: dict[str, dict[str, float]]  # op type -> us per token, share of kernel time, calls
@@ -505,7 +521,8 @@ def aggregate_profile(events: list[dict[str, Any]], linear: set[str], *,
     Only the last ``last_runs`` session runs (``model_run`` events) count (all when None); a node
     event belongs to the run whose span holds it. ``linear`` names the nodes that are linear
     layers. Returns times summed over those runs: ``runs``, ``run_us``, ``kernel_us``,
-    ``linear_us``, ``other_us``, ``by_op`` (op -> us, calls, share) and ``linear_ops``.
+    ``linear_us`` (of which ``lm_head_us``: nodes named ``lm_head``), ``other_us``, ``by_op``
+    (op -> us, calls, share) and ``linear_ops``.
     """
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
@@ -519,7 +536,7 @@ def aggregate_profile(events: list[dict[str, Any]], linear: set[str], *,
     starts = np.array([s for s, _ in spans])
     by_op: dict[str, dict[str, float]] = defaultdict(lambda: {"us": 0.0, "calls": 0})
     linear_ops: set[str] = set()
-    kernel = lin = 0.0
+    kernel = lin = head = 0.0
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
@@ -535,16 +552,18 @@ def aggregate_profile(events: list[dict[str, Any]], linear: set[str], *,
         if node in linear:
             lin += dur
             linear_ops.add(op)
+            if "lm_head" in node:
+                head += dur
     for v in by_op.values():
         v["share"] = v["us"] / kernel if kernel else 0.0
     ordered = dict(sorted(by_op.items(), key=lambda kv: -kv[1]["us"]))
     return {"runs": len(runs), "run_us": float(sum(e - s for s, e in spans)), "kernel_us": kernel,
-            "linear_us": lin, "other_us": kernel - lin, "by_op": ordered,
+            "linear_us": lin, "lm_head_us": head, "other_us": kernel - lin, "by_op": ordered,
             "linear_ops": sorted(linear_ops)}
 
 
 def profile_decode(path: str | os.PathLike, prompt: np.ndarray, *, steps: int = 32,
-                   warmup_steps: int = 2, threads: int = 0,
+                   warmup_steps: int = 2, threads: int = 0, spinning: bool = True,
                    keep_dir: str | os.PathLike | None = None) -> ProfileResult:
     """Prefill ``prompt``, ``warmup_steps`` decode steps, then ``steps`` profiled decode steps
     (all under the profiler; only the last ``steps`` runs are aggregated). The graph the session
@@ -570,7 +589,7 @@ def profile_decode(path: str | os.PathLike, prompt: np.ndarray, *, steps: int = 
                                     "optimized.onnx.data")
         so.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        sess = bench_session(path, threads, options=so)
+        sess = bench_session(path, threads, options=so, spinning=spinning)
         spec = causal_lm_spec(sess)
         gen = _Greedy(sess, spec)
         token, past = gen.prefill(prompt)
@@ -591,6 +610,7 @@ def profile_decode(path: str | os.PathLike, prompt: np.ndarray, *, steps: int = 
             steps=steps, prompt_tokens=len(prompt), run_us_per_token=agg["run_us"] * per,
             kernel_us_per_token=agg["kernel_us"] * per,
             linear_us_per_token=agg["linear_us"] * per,
+            lm_head_us_per_token=agg["lm_head_us"] * per,
             other_us_per_token=agg["other_us"] * per,
             overhead_us_per_token=(agg["run_us"] - agg["kernel_us"]) * per, by_op=by_op,
             nodes=node_counts(graph.node), file_nodes=model_node_counts(path),
@@ -608,7 +628,8 @@ def format_profile(name: str, p: ProfileResult, top: int = 12) -> str:
         f"{p.kernel_us_per_token / 1e3:.2f} ms + outside kernels "
         f"{p.overhead_us_per_token / 1e3:.2f} ms",
         f"  linear layers ({', '.join(p.linear_ops)}): {p.linear_us_per_token / 1e3:.2f} ms "
-        f"({p.linear_us_per_token / p.kernel_us_per_token:.1%} of kernel time)",
+        f"({p.linear_us_per_token / p.kernel_us_per_token:.1%} of kernel time; the LM head "
+        f"{p.lm_head_us_per_token / 1e3:.2f} ms of it)",
         f"  everything else: {p.other_us_per_token / 1e3:.2f} ms in kernels "
         f"({p.other_us_per_token / p.kernel_us_per_token:.1%}), "
         f"{(p.other_us_per_token + p.overhead_us_per_token) / 1e3:.2f} ms with the time outside "
