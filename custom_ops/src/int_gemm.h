@@ -55,6 +55,8 @@ using GemmRegionFn = void (*)(const GemmProblem& p, const OutputSink& out, int64
 struct GemmKernel {
   GemmRegionFn run;
   int panel_width;  // columns per panel; 0: reads B as stored
+  int tile_cols;    // columns of one register tile (several rows); work splits at multiples of it
+  int row_cols;     // the same for a single row (decode)
   bool needs_corr;  // whether it reads ActRows::corr
   Isa isa;          // instruction set actually used (a block shape may force a lower one)
 };

@@ -85,10 +85,13 @@ struct Ops {
     return _mm256_set1_epi32(v);
   }
   // VEX-encoded vpdpbusd (AVX-VNNI: CPUs with VNNI but without AVX-512).
-  SERQ_T static I DotPair4(I s, I a0, I lo, I a1, I hi) {
-    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s, a0, lo), a1, hi);
+  // In-out asm operand as in the AVX-512 kernel; {vex} selects the AVX-VNNI encoding.
+  SERQ_T static I Dpbusd(I s, I a, I w) {
+    __asm__("%{vex%} vpdpbusd %[w], %[a], %[s]" : [s] "+x"(s) : [a] "x"(a), [w] "x"(w));
+    return s;
   }
-  SERQ_T static I Dot8(I s, I a, I w) { return _mm256_dpbusd_avx_epi32(s, a, w); }
+  SERQ_T static I DotPair4(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, a0, lo), a1, hi); }
+  SERQ_T static I Dot8(I s, I a, I w) { return Dpbusd(s, a, w); }
   SERQ_T static I Set1(int32_t v) { return _mm256_set1_epi32(v); }
   SERQ_T static I Add(I a, I b) { return _mm256_add_epi32(a, b); }
   SERQ_T static I Sub(I a, I b) { return _mm256_sub_epi32(a, b); }
@@ -108,7 +111,7 @@ struct Ops {
 namespace avx512 {
 #define SERQ_T SERQ_TARGET_VNNI
 struct Ops {
-  static constexpr int W = 16, kRows = 4, kPanels = 2, kDecodePanels = 4;
+  static constexpr int W = 16, kRows = 4, kPanels = 3, kDecodePanels = 4;
   using I = __m512i;
   using F = __m512;
   SERQ_T static I Zero() { return _mm512_setzero_si512(); }
@@ -124,11 +127,15 @@ struct Ops {
     std::memcpy(&v, a, 4);
     return _mm512_set1_epi32(v);
   }
-  // vpdpbusd: u8 x s8 products summed in 4s into int32, no intermediate saturation.
-  SERQ_T static I DotPair4(I s, I a0, I lo, I a1, I hi) {
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, a0, lo), a1, hi);
+  // vpdpbusd: u8 x s8 products summed in 4s into int32, no intermediate saturation. Written as
+  // asm with the accumulator as an in-out operand: through the intrinsic, GCC 12 copies every
+  // accumulator once per instruction (a vmovdqa per vpdpbusd in the inner loop).
+  SERQ_T static I Dpbusd(I s, I a, I w) {
+    __asm__("vpdpbusd %[w], %[a], %[s]" : [s] "+v"(s) : [a] "v"(a), [w] "v"(w));
+    return s;
   }
-  SERQ_T static I Dot8(I s, I a, I w) { return _mm512_dpbusd_epi32(s, a, w); }
+  SERQ_T static I DotPair4(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, a0, lo), a1, hi); }
+  SERQ_T static I Dot8(I s, I a, I w) { return Dpbusd(s, a, w); }
   SERQ_T static I Set1(int32_t v) { return _mm512_set1_epi32(v); }
   SERQ_T static I Add(I a, I b) { return _mm512_add_epi32(a, b); }
   SERQ_T static I Sub(I a, I b) { return _mm512_sub_epi32(a, b); }
@@ -144,6 +151,11 @@ struct Ops {
 #include "panel_gemm_x86.inc"
 #undef SERQ_T
 }  // namespace avx512
+
+template <class Ops>
+GemmKernel Make(GemmRegionFn run, bool w4, Isa isa) {
+  return GemmKernel{run, Ops::W, Ops::W * Ops::kPanels, Ops::W * Ops::kDecodePanels, w4, isa};
+}
 
 }  // namespace
 
@@ -167,15 +179,15 @@ bool X86GemmKernel(const SerqLayout& L, Isa isa, GemmKernel* out) {
   if (!X86CpuSupports(isa) || !PanelsFit(L)) return false;
   const bool w4 = L.a.bits_w == 4;
   if (isa == Isa::kAvx512Vnni) {
-    *out = GemmKernel{w4 ? &avx512::Region<4> : &avx512::Region<8>, avx512::Ops::W, w4, isa};
+    *out = Make<avx512::Ops>(w4 ? &avx512::Region<4> : &avx512::Region<8>, w4, isa);
     return true;
   }
   if (isa == Isa::kAvxVnni) {
-    *out = GemmKernel{w4 ? &avxvnni::Region<4> : &avxvnni::Region<8>, avxvnni::Ops::W, w4, isa};
+    *out = Make<avxvnni::Ops>(w4 ? &avxvnni::Region<4> : &avxvnni::Region<8>, w4, isa);
     return true;
   }
   if (isa == Isa::kAvx2) {
-    *out = GemmKernel{w4 ? &avx2::Region<4> : &avx2::Region<8>, avx2::Ops::W, w4, isa};
+    *out = Make<avx2::Ops>(w4 ? &avx2::Region<4> : &avx2::Region<8>, w4, isa);
     return true;
   }
   return false;

@@ -246,12 +246,13 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
     ParallelRun(&ctx, &QuantizeJob<float>::Run, q_tasks, &qj);
   }
 
-  // Row chunks x column chunks (whole panels); one row (decode) is split over columns only.
-  const int64_t unit = P_.width ? P_.width : 8;
+  // Row chunks x column chunks (whole register tiles); one row (decode) is split over columns
+  // only, into at least 32 tasks where the columns allow it.
+  const int64_t unit = M == 1 ? gemm_.row_cols : gemm_.tile_cols;
   const int64_t rows_per_task = std::min<int64_t>(M, 16);
   const int64_t row_tasks = CeilDiv(M, rows_per_task);
-  int64_t cols = std::max<int64_t>(unit, 64 / unit * unit);
-  while (cols > 2 * unit && row_tasks * CeilDiv(N, cols) < 32) cols = CeilTo(cols / 2, unit);
+  int64_t cols = CeilTo(64, unit);
+  while (cols > unit && row_tasks * CeilDiv(N, cols) < 32) cols -= unit;
   const int64_t col_tasks = CeilDiv(N, cols);
 
   GemmJob gj{GemmProblem{&L_, ActRows{codes, blk_scale, blk_zero, blk_corr}, Bp, sp, wp, P_, panels},
