@@ -22,6 +22,7 @@ struct ActRows {
   const float* scale;     // [M, n_blocks]
   const int32_t* zero;    // [M, n_blocks]
   const int32_t* corr;    // [M, n_blocks]: 8 * sum of the block's codes (4-bit panel kernels), or nullptr
+                          // (codes and corr centered for kernels that say so)
 };
 
 struct GemmProblem {
@@ -58,6 +59,7 @@ struct GemmKernel {
   int tile_cols;    // columns of one register tile (several rows); work splits at multiples of it
   int row_cols;     // the same for a single row (decode)
   bool needs_corr;  // whether it reads ActRows::corr
+  bool centered;    // whether it reads centered activation codes (QuantRowOut::centered)
   Isa isa;          // instruction set actually used (a block shape may force a lower one)
 };
 

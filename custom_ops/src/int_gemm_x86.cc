@@ -42,6 +42,11 @@ struct Ops {
     const I p = _mm256_add_epi16(_mm256_maddubs_epi16(a0, lo), _mm256_maddubs_epi16(a1, hi));
     return _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
+  // Stored nibbles (u8) times centered activations (s8, |c| <= 15): sums far from saturating.
+  SERQ_T static I DotPair4C(I s, I a0, I lo, I a1, I hi) {
+    const I p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1));
+    return _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
   // u8 x s8 could saturate pmaddubsw (2 * 255 * 128 > 32767): even and odd bytes are widened to
   // int16 and multiplied with pmaddwd instead.
   SERQ_T static I Dot8(I s, I a, I w) {
@@ -91,6 +96,8 @@ struct Ops {
     return s;
   }
   SERQ_T static I DotPair4(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, a0, lo), a1, hi); }
+  // Centered activations (s8) times stored nibbles (u8).
+  SERQ_T static I DotPair4C(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, lo, a0), hi, a1); }
   SERQ_T static I Dot8(I s, I a, I w) { return Dpbusd(s, a, w); }
   SERQ_T static I Set1(int32_t v) { return _mm256_set1_epi32(v); }
   SERQ_T static I Add(I a, I b) { return _mm256_add_epi32(a, b); }
@@ -135,6 +142,8 @@ struct Ops {
     return s;
   }
   SERQ_T static I DotPair4(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, a0, lo), a1, hi); }
+  // Centered activations (s8) times stored nibbles (u8).
+  SERQ_T static I DotPair4C(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, lo, a0), hi, a1); }
   SERQ_T static I Dot8(I s, I a, I w) { return Dpbusd(s, a, w); }
   SERQ_T static I Set1(int32_t v) { return _mm512_set1_epi32(v); }
   SERQ_T static I Add(I a, I b) { return _mm512_add_epi32(a, b); }
@@ -153,8 +162,8 @@ struct Ops {
 }  // namespace avx512
 
 template <class Ops>
-GemmKernel Make(GemmRegionFn run, bool w4, Isa isa) {
-  return GemmKernel{run, Ops::W, Ops::W * Ops::kPanels, Ops::W * Ops::kDecodePanels, w4, isa};
+GemmKernel Make(GemmRegionFn run, bool w4, bool centered, Isa isa) {
+  return GemmKernel{run, Ops::W, Ops::W * Ops::kPanels, Ops::W * Ops::kDecodePanels, w4, centered, isa};
 }
 
 }  // namespace
@@ -178,16 +187,18 @@ bool X86CpuSupports(Isa isa) {
 bool X86GemmKernel(const SerqLayout& L, Isa isa, GemmKernel* out) {
   if (!X86CpuSupports(isa) || !PanelsFit(L)) return false;
   const bool w4 = L.a.bits_w == 4;
+  // 4-bit weights and activations: centered activation codes fit s8 and spare the epilogue wsum.
+  const bool c = w4 && L.a.bits_a == 4;
   if (isa == Isa::kAvx512Vnni) {
-    *out = Make<avx512::Ops>(w4 ? &avx512::Region<4> : &avx512::Region<8>, w4, isa);
+    *out = Make<avx512::Ops>(c ? &avx512::Region<4, true> : w4 ? &avx512::Region<4, false> : &avx512::Region<8, false>, w4, c, isa);
     return true;
   }
   if (isa == Isa::kAvxVnni) {
-    *out = Make<avxvnni::Ops>(w4 ? &avxvnni::Region<4> : &avxvnni::Region<8>, w4, isa);
+    *out = Make<avxvnni::Ops>(c ? &avxvnni::Region<4, true> : w4 ? &avxvnni::Region<4, false> : &avxvnni::Region<8, false>, w4, c, isa);
     return true;
   }
   if (isa == Isa::kAvx2) {
-    *out = Make<avx2::Ops>(w4 ? &avx2::Region<4> : &avx2::Region<8>, w4, isa);
+    *out = Make<avx2::Ops>(c ? &avx2::Region<4, true> : w4 ? &avx2::Region<4, false> : &avx2::Region<8, false>, w4, c, isa);
     return true;
   }
   return false;

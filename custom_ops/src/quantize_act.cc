@@ -103,7 +103,18 @@ bool QuantizeActRow(const float* x, const SerqLayout& L, const QuantSpanKernels&
     nat[L.K_pad + j] = static_cast<uint8_t>(j / bs < L.ext_blocks ? out.blk_zero[j / bs] : 0);
   }
 
-  if (out.blk_corr) {
+  if (out.centered) {
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const int32_t z = out.blk_zero[b];
+      int32_t sum = 0;
+      for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
+        const int32_t c = static_cast<int32_t>(nat[k]) - z;
+        nat[k] = static_cast<uint8_t>(static_cast<int8_t>(c));
+        sum += c;
+      }
+      out.blk_corr[b] = 8 * sum;
+    }
+  } else if (out.blk_corr) {
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       int32_t sum = 0;
       for (int64_t k = b * bs; k < (b + 1) * bs; ++k) sum += nat[k];

@@ -16,6 +16,10 @@ struct QuantRowOut {
   int32_t* blk_zero;   // [n_blocks]
   int32_t* blk_corr;   // nullable; [n_blocks] 8 * (sum of the block's codes), for GEMMs that
                        // multiply by the stored nibble (code + 8) instead of the code
+  // Centered codes (4-bit activations only): codes[k] = int8(code - zero of its block), and
+  // blk_corr = 8 * (sum of those). Then dot - zero * wsum = sum(centered * weight code) needs no
+  // wsum: a GEMM multiplying the stored nibbles (u8) by the centered codes (s8) subtracts blk_corr.
+  bool centered = false;
 };
 
 // Span kernels: min/max of x[0..n) folded into [lo, hi] (false if a value is not finite), and

@@ -38,6 +38,7 @@ struct QuantizeJob {
   float* blk_scale;
   int32_t* blk_zero;
   int32_t* blk_corr;  // nullable
+  bool centered;
   uint8_t* row_ok;
 
   static void Run(void* self, size_t task) {
@@ -59,7 +60,7 @@ struct QuantizeJob {
         }
       }
       const QuantRowOut out{j.codes + m * L.K_ext, j.blk_scale + m * nb, j.blk_zero + m * nb,
-                            j.blk_corr ? j.blk_corr + m * nb : nullptr};
+                            j.blk_corr ? j.blk_corr + m * nb : nullptr, j.centered};
       j.row_ok[m] = QuantizeActRow(x, L, j.kern, out) ? 1 : 0;
     }
   }
@@ -238,11 +239,11 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   if (fp16) {
     QuantizeJob<Ort::Float16_t> qj{&L_, quant_, static_cast<const Ort::Float16_t*>(A.data), asp, pp, M,
                                    rows_per_qtask, Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr,
-                                   row_ok};
+                                   gemm_.centered, row_ok};
     ParallelRun(&ctx, &QuantizeJob<Ort::Float16_t>::Run, q_tasks, &qj);
   } else {
     QuantizeJob<float> qj{&L_, quant_, static_cast<const float*>(A.data), asp, pp, M, rows_per_qtask,
-                          Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr, row_ok};
+                          Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr, gemm_.centered, row_ok};
     ParallelRun(&ctx, &QuantizeJob<float>::Run, q_tasks, &qj);
   }
 
