@@ -492,8 +492,8 @@ def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
     return layers
 
 
-def _targets(model: nn.Module) -> dict[str, nn.Linear]:
-    """Full module name -> target nn.Linear, in model order."""
+def _targets(model: nn.Module, lm_head: bool = False) -> dict[str, nn.Linear]:
+    """Full module name -> target nn.Linear, in model order (the LM head last, if asked)."""
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, nn.Linear] = {}
     for layer in _decoder_layers(model):
@@ -502,6 +502,11 @@ def _targets(model: nn.Module) -> dict[str, nn.Linear]:
             if not isinstance(mod, nn.Linear):
                 raise TypeError(f"{names[id(mod)]} is {type(mod).__name__}, not nn.Linear")
             out[names[id(mod)]] = mod
+    if lm_head:
+        head = getattr(model, "lm_head", None)
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"model.lm_head is {type(head).__name__}, not nn.Linear")
+        out["lm_head"] = head
     return out
 
 
@@ -516,15 +521,16 @@ def _as_sequences(ids) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _calibrate(
-    model: nn.Module, calib_ids, *, absmax: bool, hessian: bool, absmean: bool = False
+    model: nn.Module, calib_ids, *, absmax: bool, hessian: bool, absmean: bool = False,
+    lm_head: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One float pass over the calibration sequences collecting the requested statistics:
     ``(absmax, hessians, absmean)``, each empty unless requested.
 
     Targets fed the very same tensor (q/k/v, gate/up) share one Hessian accumulator, so memory
-    is one ``[K, K]`` float64 matrix per distinct input.
+    is one ``[K, K]`` float64 matrix per distinct input. ``lm_head``: the LM head is a target too.
     """
-    targets = _targets(model)
+    targets = _targets(model, lm_head)
     stats: dict[str, torch.Tensor] = {}
     abssums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -631,6 +637,7 @@ def apply_serq_fakequant(
     smooth_alpha: float = 0.5,
     absmean: Optional[dict[str, torch.Tensor]] = None,
     weight_scale: Optional[str] = None,
+    lm_head: str = "float",
 ) -> nn.Module:
     """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
 
@@ -652,7 +659,15 @@ def apply_serq_fakequant(
     by gate/up) without permutation or ``R``; ``"l2qer"`` keeps the input as is and adds the
     8-bit low-rank correction of rank ``rank`` from :func:`lowrank_error_factors`, scaled by the
     per-channel mean ``|x|`` (``absmean``, from :func:`calibrate_absmean`, or calibrated here).
+
+    ``lm_head="int8"`` fake-quantizes the LM head as the converter's ``--lm-head int8`` does: the
+    same method, groups and calibration, 8-bit weights and activations, no salient rows (a tied
+    head gets its own copy of the embedding). ``"float"`` keeps it.
     """
+    from .plan import LM_HEAD_BITS
+
+    if lm_head != "float" and lm_head not in LM_HEAD_BITS:
+        raise ValueError(f"lm_head must be 'float' or one of {sorted(LM_HEAD_BITS)}, got {lm_head!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if weight_quant is None:
@@ -664,7 +679,8 @@ def apply_serq_fakequant(
     if group_a is None:
         group_a = 32 if bits_a == 4 else 128
     model.float()
-    targets = _targets(model)
+    with_head = lm_head != "float"
+    targets = _targets(model, with_head)
     need_absmax = method not in ("rtn", "l2qer") and absmax is None
     need_hess = weight_quant == "gptq" and bits_w is not None and hessians is None
     need_absmean = method == "l2qer" and absmean is None
@@ -674,7 +690,8 @@ def apply_serq_fakequant(
             raise ValueError(f"method {method!r} with weight_quant {weight_quant!r} needs "
                              f"calib_ids or {what}")
         got_absmax, got_hess, got_absmean = _calibrate(
-            model, calib_ids, absmax=need_absmax, hessian=need_hess, absmean=need_absmean)
+            model, calib_ids, absmax=need_absmax, hessian=need_hess, absmean=need_absmean,
+            lm_head=with_head)
         absmax = got_absmax if need_absmax else absmax
         hessians = got_hess if need_hess else hessians
         absmean = got_absmean if need_absmean else absmean
@@ -689,20 +706,25 @@ def apply_serq_fakequant(
                 s = smoothquant_scales(absmax[names[0]], [targets[n].weight.T for n in names],
                                        smooth_alpha, scale_floor)
                 scales.update({n: s for n in names})
+        if with_head:
+            scales["lm_head"] = smoothquant_scales(absmax["lm_head"], [targets["lm_head"].weight.T],
+                                                   smooth_alpha, scale_floor)
     else:
         scales = {n: floor_scales(absmax[n], scale_floor) for n in targets}
     r = rank if method == "serq" else 0
     for name, lin in targets.items():
+        head = name == "lm_head"
+        bw, ba = LM_HEAD_BITS[lm_head] if head else (bits_w, bits_a)
         new = SerqFakeQuantLinear.from_linear(
-            lin, scales[name], bits_a=bits_a, bits_w=bits_w, rank=r, group_w=group_w,
+            lin, scales[name], bits_a=ba, bits_w=bw, rank=0 if head else r, group_w=group_w,
             group_a=group_a, weight_quant=weight_quant, gptq_damp=gptq_damp,
             hessian=None if hessians is None else hessians[name],
-            permute=method != "smoothquant", lowrank=rank if method == "l2qer" else 0,
+            permute=method != "smoothquant", lowrank=rank if method == "l2qer" and not head else 0,
             absmean=None if absmean is None else absmean[name], scale_floor=scale_floor,
             weight_scale=weight_scale,
         ).to(lin.weight.device)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
 
 

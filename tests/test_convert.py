@@ -67,6 +67,30 @@ def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_
     assert report.layers_converted == 14
 
 
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a4"])
+def test_int8_lm_head_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_path):
+    """``lm_head="int8"`` on both sides: the head goes through the same calibration, smoothing,
+    permutation and GPTQ as the body, with 8-bit weights and activations and no salient rows."""
+    calib_ids, eval_ids = calib
+    convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
+            lm_head="int8", progress=False, **SETTINGS)
+    got = _onnx_logits(tmp_path / "out" / "model.onnx", eval_ids)
+    flt = _float_logits(tiny_llama.onnx_path, eval_ids)
+    kw = dict(bits_a=8 if scheme == "w4a8" else 4, bits_w=4, **SETTINGS)
+    calib_t = [torch.as_tensor(s) for s in calib_ids]
+    ref = fakequant_logits(tiny_llama.hf_dir, calib_t, torch.as_tensor(eval_ids)[None],
+                           lm_head="int8", **kw)
+    ref = np.asarray(ref, np.float64).reshape(got.shape)
+    body_only = fakequant_logits(tiny_llama.hf_dir, calib_t, torch.as_tensor(eval_ids)[None], **kw)
+    body_only = np.asarray(body_only, np.float64).reshape(got.shape)
+    to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
+    # Tolerances of the default-settings test above.
+    assert to_ref.rel_rms < 2e-3 and to_ref.rel_rms < to_float.rel_rms / 50, (to_ref, to_float)
+    assert to_ref.top1_agree >= 0.95
+    # The fake-quant's head is really quantized: its own effect is far above the agreement.
+    assert compare.diff(ref, body_only).rel_rms > 5 * to_ref.rel_rms
+
+
 @pytest.mark.parametrize("scheme,method,weight_quant,weight_scale",
                          [("w4a8", "serq", "rtn", "absmax"), ("w4a8", "serq", "rtn", "mse"),
                           ("w4a4", "rtn", "gptq", "mse"), ("w4a4", "serq", "gptq", "absmax")])
