@@ -9,8 +9,10 @@ Every ONNX variant is timed by the same code (``serq_onnx.model_bench``, built o
 evaluation harness's generator: I/O binding, KV cache kept in OrtValues between steps) on the
 same prompt tokens: the first ``--prompt-tokens`` tokens of ``--text``. Prefill is one run over
 the prompt; decode is ``--decode-tokens`` greedy steps of one token each after it; each figure
-is the median over ``--reps`` repetitions after a warm-up. llama.cpp tokenizes the same text
-with its own tokenizer and is cut to the same counts.
+is the median over ``--reps`` repetitions after a warm-up, interleaved across variants (all
+sessions stay open; repetition r of every variant runs before repetition r + 1 of any, so a
+change in the machine's load hits all alike). llama.cpp tokenizes the same text with its own
+tokenizer and is cut to the same counts.
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions (median reported)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="each variant's repetitions back to back (default: interleaved, "
+                         "repetition r of every variant before r + 1 of any)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="intra-op threads of every session and of llama.cpp")
     ap.add_argument("--no-spin", action="store_true",
@@ -117,37 +122,51 @@ def build_variants(args: argparse.Namespace, names: list[str]) -> tuple[list[mb.
     return out, skipped
 
 
+def make_runners(args: argparse.Namespace, variants: list[mb.Variant], text: str,
+                 ids) -> list:
+    runners = []
+    for v in variants:
+        if v.kind == "llama.cpp":
+            r = mb.LlamaCppRunner(v, text, prompt_tokens=args.prompt_tokens,
+                                  decode_tokens=args.decode_tokens, threads=args.threads,
+                                  reference_ids=ids)
+            print(f"-- {v.name}: llama-cpp-python {r.extra.get('llama_cpp_python')}; prompt ids "
+                  f"{'identical to' if r.extra.get('same_prompt_ids') else 'differ from'} the "
+                  f"ONNX variants'; {r.extra.get('system_info', '')}", flush=True)
+        else:
+            r = mb.OnnxRunner(v, ids, decode_tokens=args.decode_tokens, threads=args.threads,
+                              spinning=not args.no_spin)
+        runners.append(r)
+    return runners
+
+
 def run_speed(args: argparse.Namespace) -> int:
     names = [n for n in args.variants.split(",") if n]
     variants, skipped = build_variants(args, names)
     text = mb.prompt_text(args.text, args.prompt_tokens)
     ids = mb.prompt_ids(args.float_model.parent, text, args.prompt_tokens)
+    how = "back to back" if args.sequential else "interleaved across variants"
     print(f"machine: {machine_name()}")
-    print(f"threads: {args.threads}{' (not spinning)' if args.no_spin else ''}; prompt: {len(ids)} tokens of {args.text.name}; decode: "
-          f"{args.decode_tokens} greedy steps; median of {args.reps} after a warm-up")
+    print(f"threads: {args.threads}{' (not spinning)' if args.no_spin else ''}; prompt: "
+          f"{len(ids)} tokens of {args.text.name}; decode: {args.decode_tokens} greedy steps; "
+          f"median of {args.reps} repetitions ({how}) after a warm-up")
     for s in skipped:
         print(f"skipped {s}")
-    results = []
     for v in variants:
-        print(f"-- {v.name} ({v.path})", flush=True)
-        if v.kind == "llama.cpp":
-            r = mb.bench_llama_cpp(v, text, prompt_tokens=args.prompt_tokens,
-                                   decode_tokens=args.decode_tokens, reps=args.reps,
-                                   threads=args.threads)
-            print(f"   llama-cpp-python {r.extra.get('llama_cpp_python')}; "
-                  f"{r.extra.get('system_info', '')}")
-        else:
-            r = mb.bench_onnx(v, ids, decode_tokens=args.decode_tokens, reps=args.reps,
-                              threads=args.threads, spinning=not args.no_spin)
-        print(f"   prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
-              f"{r.decode_tokens_per_s:.1f} tok/s", flush=True)
-        results.append(r)
+        print(f"-- {v.name}: {v.path}", flush=True)
+    runners = make_runners(args, variants, text, ids)
+    log = None if args.quiet else (lambda line: print(line, flush=True))
+    try:
+        results = mb.run_interleaved(runners, args.reps, interleave=not args.sequential, log=log)
+    finally:
+        for r in runners:
+            r.close()
     print()
     print(mb.format_table(results))
     if args.markdown:
         print()
         print(f"Machine: {machine_name()}; {args.threads} threads; prompt {len(ids)} tokens, "
-              f"{args.decode_tokens} decode steps, median of {args.reps}.\n")
+              f"{args.decode_tokens} decode steps, median of {args.reps} ({how}).\n")
         print(mb.format_markdown(results))
     if args.json:
         import onnxruntime
@@ -157,10 +176,10 @@ def run_speed(args: argparse.Namespace) -> int:
             onnxruntime.__version__, "llama_cpp_python": mb.llama_cpp_version(),
             "text": str(args.text), "prompt_tokens": len(ids),
             "decode_tokens": args.decode_tokens, "reps": args.reps, "skipped": skipped,
-            "spinning": not args.no_spin,
+            "spinning": not args.no_spin, "interleaved": not args.sequential,
             "prompt_ids": ids.tolist(),
             "variants": {r.variant: {**r.to_dict(), "path": str(v.path)}
-                         for r, v in zip(results, [v for v in variants])}})
+                         for r, v in zip(results, variants)}})
         print(f"wrote {args.json}")
     return 0
 

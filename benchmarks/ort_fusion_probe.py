@@ -11,7 +11,8 @@ prompt (prefill, empty cache) plus whether 16 greedy tokens (with the KV cache) 
 It also saves the graph onnxruntime itself runs at each session optimization level
 (``optimized_model_filepath``, offline) and counts its nodes. ``--bench`` times prefill and
 decode of every distinct optimized graph against the original with the same code as
-``cpu_model_bench.py``. Nothing here changes the converter.
+``cpu_model_bench.py`` (repetitions interleaved across the graphs). Nothing here changes the
+converter.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="optimize_model model types (onnxruntime 1.32 has no llama type; "
                          "qwen3 is its RoPE/GQA/RMSNorm decoder)")
     ap.add_argument("--levels", default="0,1,99", help="optimize_model opt_level values")
+    ap.add_argument("--attention-options", action="store_true",
+                    help="also try, at opt_level 0, FusionOptions asking for MultiHeadAttention "
+                         "and for GroupQueryAttention (node counts and fused ops only)")
     ap.add_argument("--num-heads", type=int, default=9)
     ap.add_argument("--hidden-size", type=int, default=576)
     ap.add_argument("--work", type=Path, default=MODEL / "bench" / "fusion",
@@ -60,8 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bench", action="store_true", help="time prefill and decode too")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved across the graphs")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-spin", action="store_true",
+                    help="idle onnxruntime threads sleep instead of spinning (shared machines)")
     ap.add_argument("--no-offline", action="store_true",
                     help="skip the session optimization levels saved offline")
     ap.add_argument("--json", type=Path)
@@ -218,20 +224,43 @@ def main(argv=None) -> int:
                   f"in {seconds:.0f} s; fused/new: {entry['fused']}; check: {entry['check']}"
                   + (f"; same graph as {entry['same_graph_as']}" if entry["same_graph_as"]
                      else ""), flush=True)
+    if args.attention_options:
+        from onnxruntime.transformers.fusion_options import AttentionOpType, FusionOptions
+
+        print("== optimize_model at opt_level 0 with attention fusion options")
+        for t in [s for s in args.types.split(",") if s]:
+            for mode in ("MultiHeadAttention", "GroupQueryAttention"):
+                key = f"{t} opt_level 0, {mode} requested"
+                options = FusionOptions(t)
+                options.use_multi_head_attention = True
+                if mode == "GroupQueryAttention":
+                    options.set_attention_op_type(AttentionOpType.GroupQueryAttention)
+                try:
+                    m = optimize_model(str(path), model_type=t, num_heads=args.num_heads,
+                                       hidden_size=args.hidden_size, opt_level=0,
+                                       optimization_options=options, use_gpu=False)
+                except Exception as e:
+                    report["optimizer"][key] = {"error": f"{type(e).__name__}: {e}"}
+                    print(f"  {key}: failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                counts = op_counts(m.model.graph)
+                report["optimizer"][key] = {"nodes": sum(counts.values()),
+                                            "fused": fused_ops(counts, before)}
+                print(f"  {key}: {sum(counts.values())} nodes; fused/new: "
+                      f"{fused_ops(counts, before)}", flush=True)
+                del m
     del ref
 
     if args.bench:
         print(f"== speed: prefill {args.prompt_tokens}, decode {args.decode_tokens}, median of "
               f"{args.reps}")
         ids = mb.prompt_ids(path.parent, text, args.prompt_tokens)
-        results = []
-        for name, p in to_bench.items():
-            r = mb.bench_onnx(mb.Variant(name, p), ids, decode_tokens=args.decode_tokens,
-                              reps=args.reps, threads=args.threads)
-            results.append(r)
-            report["bench"][name] = r.to_dict()
-            print(f"  {name}: prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
-                  f"{r.decode_tokens_per_s:.1f} tok/s", flush=True)
+        runners = [mb.OnnxRunner(mb.Variant(name, p), ids, decode_tokens=args.decode_tokens,
+                                 threads=args.threads, spinning=not args.no_spin)
+                   for name, p in to_bench.items()]
+        results = mb.run_interleaved(runners, args.reps, log=lambda line: print(line, flush=True))
+        for r in results:
+            report["bench"][r.variant] = r.to_dict()
         results[0].variant = "float32"
         print(mb.format_table(results))
     if args.json:

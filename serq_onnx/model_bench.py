@@ -109,7 +109,7 @@ def _target_node_names(float_model: Path) -> list[str]:
     from .plan import ConvertConfig, Plan
 
     model = load_model(float_model)
-    plan = Plan(ConvertConfig())
+    plan = Plan(ConvertConfig(lm_head="float"))
     passes.FindTargetsPass(plan)(model)
     names = [t.node.name for t in plan.targets]
     if not all(names) or len(set(names)) != len(names):
@@ -275,32 +275,8 @@ def _check_counts(prompt_tokens: int, decode_tokens: int, reps: int) -> None:
                         f"{decode_tokens}, {reps})")
 
 
-def bench_onnx(variant: Variant, prompt: np.ndarray, *, decode_tokens: int = 128, reps: int = 3,
-               threads: int = 0, session: Any = None, spinning: bool = True) -> SpeedResult:
-    """Prefill of ``prompt`` then ``decode_tokens`` greedy steps, ``reps`` times, with
-    :func:`serq_onnx.evaluate.decode_speed` (I/O binding, KV cache kept in OrtValues)."""
-    from .evaluate import decode_speed
-
-    prompt = np.asarray(prompt, np.int64).reshape(-1)
-    _check_counts(len(prompt), decode_tokens, reps)
-    sess = (session if session is not None
-            else bench_session(variant.path, threads, spinning=spinning))
-    pre, dec, tokens = [], [], None
-    for r in range(reps):
-        s = decode_speed(sess, prompt, new_tokens=decode_tokens + 1, warmup=r == 0)
-        pre.append(s["prefill_seconds"])
-        dec.append(s["decode_seconds"])
-        if tokens is None:
-            tokens = s["tokens"]
-        elif s["tokens"] != tokens:
-            raise SerqError(f"{variant.name}: greedy tokens differ between repetitions")
-    return SpeedResult(variant=variant.name, prompt_tokens=len(prompt),
-                       decode_tokens=decode_tokens, reps=reps, prefill_seconds=pre,
-                       decode_seconds=dec, tokens=list(tokens), note=variant.note,
-                       size_bytes=model_size_bytes(variant.path))
-
-
 def llama_cpp_version() -> str | None:
+    """llama-cpp-python's version and its bundled ggml's, or None when it is not installed."""
     try:
         import llama_cpp
     except ImportError:
@@ -312,63 +288,165 @@ def llama_cpp_version() -> str | None:
     return version
 
 
-def bench_llama_cpp(variant: Variant, text: str, *, prompt_tokens: int = 512,
-                    decode_tokens: int = 128, reps: int = 3, threads: int = 0) -> SpeedResult:
+class OnnxRunner:
+    """One ONNX variant ready to time: prefill of ``prompt`` then ``decode_tokens`` greedy
+    steps per :meth:`once`, through :func:`serq_onnx.evaluate.decode_speed` (I/O binding, KV
+    cache kept in OrtValues)."""
+
+    def __init__(self, variant: Variant, prompt: np.ndarray, *, decode_tokens: int = 128,
+                 threads: int = 0, session: Any = None, spinning: bool = True):
+        self.variant = variant
+        self.prompt = np.asarray(prompt, np.int64).reshape(-1)
+        _check_counts(len(self.prompt), decode_tokens, 1)
+        self.decode_tokens = decode_tokens
+        self.sess = (session if session is not None
+                     else bench_session(variant.path, threads, spinning=spinning))
+        self.extra: dict[str, Any] = {}
+
+    def warmup(self) -> None:
+        self.once(warmup=True)
+
+    def once(self, warmup: bool = False) -> tuple[float, float, list[int]]:
+        from .evaluate import decode_speed
+
+        s = decode_speed(self.sess, self.prompt, new_tokens=self.decode_tokens + 1,
+                         warmup=warmup)
+        return s["prefill_seconds"], s["decode_seconds"], s["tokens"]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def close(self) -> None:
+        self.sess = None
+
+
+class LlamaCppRunner:
     """The GGUF in llama.cpp (llama-cpp-python): its tokenizer on ``text``, the first
     ``prompt_tokens`` tokens as prompt, evaluated in one batch, then ``decode_tokens`` greedy
-    steps (argmax of the logits, one token per ``eval``); the cache is cleared between reps.
+    steps (argmax of the logits, one token per ``eval``); the cache is cleared between runs.
+    With ``reference_ids`` (the ONNX variants' prompt) it records whether the prompts agree.
     llama.cpp's OpenMP threads spin while idle unless ``OMP_WAIT_POLICY=PASSIVE`` was set before
     llama_cpp was first imported."""
-    import llama_cpp
 
-    _check_counts(prompt_tokens, decode_tokens, reps)
-    n_threads = threads or os.cpu_count() or 1
-    n_ctx = max(1024, prompt_tokens + decode_tokens + 16)
-    llm = llama_cpp.Llama(model_path=str(variant.path), n_ctx=n_ctx, n_batch=prompt_tokens,
-                          n_ubatch=prompt_tokens, n_threads=n_threads, n_threads_batch=n_threads,
-                          logits_all=False, verbose=False)
-    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    if len(ids) < prompt_tokens:
-        raise SerqError(f"the text gives {len(ids)} llama.cpp tokens, fewer than {prompt_tokens}")
-    ids = ids[:prompt_tokens]
+    def __init__(self, variant: Variant, text: str, *, prompt_tokens: int = 512,
+                 decode_tokens: int = 128, threads: int = 0,
+                 reference_ids: np.ndarray | None = None):
+        import llama_cpp
 
-    n_vocab = llm.n_vocab()
+        _check_counts(prompt_tokens, decode_tokens, 1)
+        self.variant, self.decode_tokens, self._lib = variant, decode_tokens, llama_cpp
+        n_threads = threads or os.cpu_count() or 1
+        n_ctx = max(1024, prompt_tokens + decode_tokens + 16)
+        self.llm = llama_cpp.Llama(model_path=str(variant.path), n_ctx=n_ctx,
+                                   n_batch=prompt_tokens, n_ubatch=prompt_tokens,
+                                   n_threads=n_threads, n_threads_batch=n_threads,
+                                   logits_all=False, verbose=False)
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if len(ids) < prompt_tokens:
+            raise SerqError(f"the text gives {len(ids)} llama.cpp tokens, fewer than "
+                            f"{prompt_tokens}")
+        self.ids = ids[:prompt_tokens]
+        self.n_vocab = self.llm.n_vocab()
+        self.extra = {"llama_cpp_python": llama_cpp_version(), "n_ctx": n_ctx,
+                      "n_threads": n_threads,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
+        if reference_ids is not None:
+            self.extra["same_prompt_ids"] = ([int(t) for t in reference_ids]
+                                             == [int(t) for t in self.ids])
+        try:
+            self.extra["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+        except Exception:  # informational only
+            pass
 
-    def last_token() -> int:  # the logits of the batch's last token (the only one computed)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
-                                       shape=(n_vocab,))
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+    def _last_token(self) -> int:  # the logits of the batch's last token (the only one computed)
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1),
+                                       shape=(self.n_vocab,))
         return int(np.argmax(logits))
 
-    def once() -> tuple[float, float, list[int]]:
+    def once(self) -> tuple[float, float, list[int]]:
+        llm = self.llm
         llm.reset()  # the next eval drops the whole KV cache (it keeps only n_tokens = 0)
         t0 = time.perf_counter()
-        llm.eval(ids)
-        token = last_token()
+        llm.eval(self.ids)
+        token = self._last_token()
         t1 = time.perf_counter()
         out = [token]
-        for _ in range(decode_tokens):
+        for _ in range(self.decode_tokens):
             llm.eval([token])
-            token = last_token()
+            token = self._last_token()
             out.append(token)
         return t1 - t0, time.perf_counter() - t1, out
 
-    once()  # warm-up
-    pre, dec, tokens = [], [], None
-    for _ in range(reps):
-        p, d, toks = once()
-        pre.append(p)
-        dec.append(d)
-        tokens = tokens or toks
-    info = {"llama_cpp_python": llama_cpp_version(), "n_ctx": n_ctx, "n_threads": n_threads}
+    def warmup(self) -> None:
+        self.once()
+
+    def close(self) -> None:
+        self.llm.close() if hasattr(self.llm, "close") else None
+        self.llm = None
+
+
+def run_interleaved(runners: list[Any], reps: int, *, interleave: bool = True,
+                    log=None) -> list[SpeedResult]:
+    """Time every runner ``reps`` times after one warm-up each. ``interleave``: repetition r of
+    every runner before repetition r + 1 of any, so that a change in the machine's load hits
+    all variants alike (the medians compare); otherwise each runner's repetitions back to
+    back. Greedy tokens must agree between a runner's repetitions."""
+    if reps < 1:
+        raise SerqError(f"reps must be >= 1, got {reps}")
+    for r in runners:
+        r.warmup()
+    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(runners))}
+    tokens: dict[int, list[int]] = {}
+    order = ([(rep, i) for rep in range(reps) for i in range(len(runners))] if interleave
+             else [(rep, i) for i in range(len(runners)) for rep in range(reps)])
+    for rep, i in order:
+        p, d, toks = runners[i].once()
+        times[i].append((p, d))
+        if i not in tokens:
+            tokens[i] = list(toks)
+        elif list(toks) != tokens[i]:
+            raise SerqError(f"{runners[i].variant.name}: greedy tokens differ between "
+                            "repetitions")
+        if log is not None:
+            log(f"   {runners[i].variant.name} rep {rep + 1}: prefill "
+                f"{runners[i].prompt_tokens / p:.1f} tok/s, decode "
+                f"{runners[i].decode_tokens / d:.1f} tok/s")
+    out = []
+    for i, r in enumerate(runners):
+        out.append(SpeedResult(
+            variant=r.variant.name, prompt_tokens=r.prompt_tokens, decode_tokens=r.decode_tokens,
+            reps=reps, prefill_seconds=[p for p, _ in times[i]],
+            decode_seconds=[d for _, d in times[i]], tokens=tokens[i], note=r.variant.note,
+            size_bytes=model_size_bytes(r.variant.path), extra=dict(r.extra)))
+    return out
+
+
+def bench_onnx(variant: Variant, prompt: np.ndarray, *, decode_tokens: int = 128, reps: int = 3,
+               threads: int = 0, session: Any = None, spinning: bool = True) -> SpeedResult:
+    """One ONNX variant alone: :class:`OnnxRunner` timed ``reps`` times after a warm-up."""
+    _check_counts(len(np.asarray(prompt).reshape(-1)), decode_tokens, reps)
+    runner = OnnxRunner(variant, prompt, decode_tokens=decode_tokens, threads=threads,
+                        session=session, spinning=spinning)
+    return run_interleaved([runner], reps)[0]
+
+
+def bench_llama_cpp(variant: Variant, text: str, *, prompt_tokens: int = 512,
+                    decode_tokens: int = 128, reps: int = 3, threads: int = 0,
+                    reference_ids: np.ndarray | None = None) -> SpeedResult:
+    """The GGUF alone: :class:`LlamaCppRunner` timed ``reps`` times after a warm-up."""
+    _check_counts(prompt_tokens, decode_tokens, reps)
+    runner = LlamaCppRunner(variant, text, prompt_tokens=prompt_tokens,
+                            decode_tokens=decode_tokens, threads=threads,
+                            reference_ids=reference_ids)
     try:
-        info["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
-    except Exception:  # informational only
-        pass
-    del llm
-    return SpeedResult(variant=variant.name, prompt_tokens=prompt_tokens,
-                       decode_tokens=decode_tokens, reps=reps, prefill_seconds=pre,
-                       decode_seconds=dec, tokens=tokens, note=variant.note,
-                       size_bytes=model_size_bytes(variant.path), extra=info)
+        return run_interleaved([runner], reps)[0]
+    finally:
+        runner.close()
 
 
 def prompt_text(text_path: str | os.PathLike, prompt_tokens: int) -> str:

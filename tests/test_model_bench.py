@@ -210,3 +210,60 @@ def test_profile_decode_on_tiny(tiny_llama, serq_tiny):
             "num_hidden_layers"]
         assert p.nodes["total"] <= p.file_nodes["total"]
         assert "per token" in mb.format_profile("tiny", p)
+
+
+def test_fusion_probe_on_tiny(tiny_llama, tmp_path, capsys):
+    pytest.importorskip("onnxruntime.transformers.optimizer")
+    spec = importlib.util.spec_from_file_location("ort_fusion_probe",
+                                                  REPO / "benchmarks" / "ort_fusion_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man. " * 40)
+    cfg = tiny_llama.config
+    out = tmp_path / "probe.json"
+    assert probe.main(["--float", str(tiny_llama.onnx_path), "--types", "gpt2", "--levels", "0",
+                       "--num-heads", str(cfg["num_attention_heads"]), "--hidden-size",
+                       str(cfg["hidden_size"]), "--work", str(tmp_path / "work"), "--text",
+                       str(text), "--check-tokens", "16", "--threads", "1",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    entry = report["optimizer"]["gpt2 opt_level 0"]
+    assert entry["nodes"] < report["original_nodes"]
+    assert entry["fused"].get("SkipSimplifiedLayerNormalization", 0) > 0
+    assert entry["check"]["max_abs_diff"] < 1e-4 and entry["check"]["greedy_tokens_equal"]
+    assert report["offline"]["ORT_ENABLE_ALL"]["nodes"] < report["original_nodes"]
+
+
+class _FakeRunner:
+    def __init__(self, name, log, tokens=(1, 2)):
+        self.variant = mb.Variant(name, Path(__file__))
+        self.prompt_tokens, self.decode_tokens, self.extra = 4, 2, {}
+        self.log, self.tokens = log, list(tokens)
+
+    def warmup(self):
+        self.log.append((self.variant.name, "warmup"))
+
+    def once(self):
+        self.log.append((self.variant.name, "once"))
+        return 0.5, 0.25, list(self.tokens)
+
+
+def test_run_interleaved_order_and_medians():
+    log = []
+    results = mb.run_interleaved([_FakeRunner("a", log), _FakeRunner("b", log)], 2)
+    assert log == [("a", "warmup"), ("b", "warmup"), ("a", "once"), ("b", "once"),
+                   ("a", "once"), ("b", "once")]
+    assert [r.variant for r in results] == ["a", "b"]
+    assert results[0].prefill_tokens_per_s == 8 and results[0].decode_tokens_per_s == 8
+    log.clear()
+    mb.run_interleaved([_FakeRunner("a", log), _FakeRunner("b", log)], 2, interleave=False)
+    assert [x for x in log if x[1] == "once"] == [("a", "once")] * 2 + [("b", "once")] * 2
+
+    class Flaky(_FakeRunner):
+        def once(self):
+            self.tokens[0] += 1
+            return super().once()
+
+    with pytest.raises(SerqError, match="differ between repetitions"):
+        mb.run_interleaved([Flaky("c", [])], 2)
