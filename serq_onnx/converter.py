@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
-            smooth_alpha: float = 0.5, lm_head: str = "float", log=print) -> ConversionReport:
+            smooth_alpha: float = 0.5, lm_head: str = "auto", log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -98,7 +98,9 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ``"smoothquant"`` (migration strength ``smooth_alpha``) and ``"l2qer"`` (low-rank error
     correction of rank ``rank``) are baselines built from the same groups, bits and kernels as
     SERQ, for comparison. ``lm_head`` ``"int8"`` also quantizes the LM head (8-bit weights and
-    activations through SerqMatMul, no salient correction); ``"float"`` keeps it float.
+    activations through SerqMatMul, no salient correction); ``"float"`` keeps it float;
+    ``"auto"`` (the default) is int8 where the head is a MatMul with a constant weight, else
+    float. The report records what was done.
     """
     from serq_onnx import passes
 
@@ -125,10 +127,17 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     if config.lm_head != "float":
         passes.UntieLMHeadPass()(ir_model)
     passes.FindTargetsPass(plan)(ir_model)
-    if config.lm_head != "float" and not any(t.role == "lm_head" for t in plan.targets):
+    head_found = any(t.role == "lm_head" for t in plan.targets)
+    if config.lm_head == "int8" and not head_found:
         raise SerqError(f"--lm-head {config.lm_head}: the model's logits do not come from a "
                         "MatMul with a constant (or transposed constant) weight; use "
                         "--lm-head float")
+    if config.lm_head == "auto":
+        if not head_found:
+            log("lm_head stays float: the logits do not come from a MatMul with a constant "
+                "weight")
+        config = replace(config, lm_head="int8" if head_found else "float")
+        plan.config = config
     ranks = _effective_ranks(plan, log)
 
     if calib_ids is not None:

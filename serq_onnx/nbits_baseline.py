@@ -80,7 +80,7 @@ def make_matmulnbits_model(float_model_path: str | os.PathLike, out_dir: str | o
 
     model = load_model(model_path)
     output_dir.check_output(out_dir, output_dir.external_data_files(model), overwrite)
-    plan = Plan(ConvertConfig())
+    plan = Plan(ConvertConfig(lm_head="float"))  # the same decoder linears; the head stays float
     passes.FindTargetsPass(plan)(model)
     targets = {t.node for t in plan.targets}
     exclude = [n.name for n in _name_matmuls(model) if n not in targets]

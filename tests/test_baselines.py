@@ -58,7 +58,7 @@ def test_baseline_matches_torch_fakequant(request, fixture, method, scheme, grou
     flt = compare.logits(compare.cpu_session(model.onnx_path), eval_ids)
     ref = fakequant_logits(model.hf_dir, [torch.as_tensor(s) for s in calib_ids],
                            torch.as_tensor(eval_ids)[None], bits_a=8 if scheme == "w4a8" else 4,
-                           bits_w=4, method=method, smooth_alpha=0.5, **settings)
+                           bits_w=4, method=method, smooth_alpha=0.5, lm_head="int8", **settings)
     ref = np.asarray(ref, np.float64).reshape(got.shape)
     to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
     # Tolerance as in test_convert.py: float32 rounding may flip an odd code by one step.
@@ -67,6 +67,12 @@ def test_baseline_matches_torch_fakequant(request, fixture, method, scheme, grou
 
     graph = onnx.load(str(out)).graph
     serq = [n for n in graph.node if n.op_type == "SerqMatMul"]
+    # The int8 LM head (the default) is one node with no R, no low-rank branch; the rest follow.
+    head = [n for n in serq if n.name == "/lm_head/SerqMatMul"]
+    assert len(head) == 1
+    head_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head[0].attribute}
+    assert (head_attrs["bits_w"], head_attrs["bits_a"], head_attrs["rank"]) == (8, 8, 0)
+    serq = [n for n in serq if n is not head[0]]
     n_linears = 7 * model.config["num_hidden_layers"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in serq]
     main = [a for a in attrs if a["bits_w"] == 4]

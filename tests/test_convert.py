@@ -44,7 +44,8 @@ def _float_logits(path, ids):
 
 @pytest.mark.parametrize("scheme", ["w4a8", "w4a4"])
 def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_path):
-    """Default settings on both sides: GPTQ with searched scales, the scheme's groups."""
+    """Default settings on both sides: GPTQ with searched scales, the scheme's groups, the int8
+    LM head."""
     calib_ids, eval_ids = calib
     report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
                      progress=False, **SETTINGS)
@@ -54,7 +55,7 @@ def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_
     bits_a = 8 if scheme == "w4a8" else 4
     ref = fakequant_logits(tiny_llama.hf_dir, [torch.as_tensor(s) for s in calib_ids],
                            torch.as_tensor(eval_ids)[None], bits_a=bits_a, bits_w=4,
-                           **SETTINGS)
+                           lm_head="int8", **SETTINGS)
     ref = np.asarray(ref, np.float64).reshape(got.shape)
     to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
     # Same algorithm, independent code: they differ only by float32 rounding (1e-7 relative),
@@ -64,31 +65,33 @@ def test_converted_model_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_
     assert to_ref.top1_agree >= 0.95
     # And quantization is still close to float.
     assert to_float.rel_rms < (0.1 if scheme == "w4a8" else 0.5), to_float
-    assert report.layers_converted == 14
+    assert report.layers_converted == 15 and report.config["lm_head"] == "int8"
 
 
 @pytest.mark.parametrize("scheme", ["w4a8", "w4a4"])
-def test_int8_lm_head_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_path):
-    """``lm_head="int8"`` on both sides: the head goes through the same calibration, smoothing,
-    permutation and GPTQ as the body, with 8-bit weights and activations and no salient rows."""
+def test_float_lm_head_matches_torch_fakequant(tiny_llama, calib, scheme, tmp_path):
+    """``lm_head="float"`` on both sides. (By default the head goes through the same
+    calibration, smoothing, permutation and GPTQ as the body, with 8-bit weights and activations
+    and no salient rows: the test above.)"""
     calib_ids, eval_ids = calib
-    convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
-            lm_head="int8", progress=False, **SETTINGS)
+    report = convert(tiny_llama.onnx_path, tmp_path / "out", scheme=scheme, calib_ids=calib_ids,
+                     lm_head="float", progress=False, **SETTINGS)
+    assert report.layers_converted == 14 and report.config["lm_head"] == "float"
     got = _onnx_logits(tmp_path / "out" / "model.onnx", eval_ids)
     flt = _float_logits(tiny_llama.onnx_path, eval_ids)
     kw = dict(bits_a=8 if scheme == "w4a8" else 4, bits_w=4, **SETTINGS)
     calib_t = [torch.as_tensor(s) for s in calib_ids]
-    ref = fakequant_logits(tiny_llama.hf_dir, calib_t, torch.as_tensor(eval_ids)[None],
-                           lm_head="int8", **kw)
+    ref = fakequant_logits(tiny_llama.hf_dir, calib_t, torch.as_tensor(eval_ids)[None], **kw)
     ref = np.asarray(ref, np.float64).reshape(got.shape)
-    body_only = fakequant_logits(tiny_llama.hf_dir, calib_t, torch.as_tensor(eval_ids)[None], **kw)
-    body_only = np.asarray(body_only, np.float64).reshape(got.shape)
+    with_head = fakequant_logits(tiny_llama.hf_dir, calib_t, torch.as_tensor(eval_ids)[None],
+                                 lm_head="int8", **kw)
+    with_head = np.asarray(with_head, np.float64).reshape(got.shape)
     to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
     # Tolerances of the default-settings test above.
     assert to_ref.rel_rms < 2e-3 and to_ref.rel_rms < to_float.rel_rms / 50, (to_ref, to_float)
     assert to_ref.top1_agree >= 0.95
-    # The fake-quant's head is really quantized: its own effect is far above the agreement.
-    assert compare.diff(ref, body_only).rel_rms > 5 * to_ref.rel_rms
+    # The fake-quant's int8 head really is quantized: its effect is far above the agreement.
+    assert compare.diff(with_head, ref).rel_rms > 5 * to_ref.rel_rms
 
 
 @pytest.mark.parametrize("scheme,method,weight_quant,weight_scale",
@@ -106,7 +109,7 @@ def test_weight_rounding_variants_match_torch_fakequant(tiny_llama, calib, schem
     flt = _float_logits(tiny_llama.onnx_path, eval_ids)
     ref = fakequant_logits(tiny_llama.hf_dir, [torch.as_tensor(s) for s in calib_ids],
                            torch.as_tensor(eval_ids)[None], bits_a=8 if scheme == "w4a8" else 4,
-                           bits_w=4, **kw)
+                           bits_w=4, lm_head="int8", **kw)
     ref = np.asarray(ref, np.float64).reshape(got.shape)
     to_ref, to_float = compare.diff(got, ref), compare.diff(got, flt)
     # Tolerances as in the test above (measured: 2e-7 relative, no code flips).
@@ -122,7 +125,7 @@ def test_weight_rounding_variants_match_torch_fakequant(tiny_llama, calib, schem
 def test_converted_graph_structure(tiny_llama, calib, tmp_path, fuse):
     calib_ids, eval_ids = calib
     report = convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids,
-                     progress=False, fuse=fuse, **SETTINGS)
+                     progress=False, fuse=fuse, lm_head="float", **SETTINGS)
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     serq = [n for n in model.graph.node if n.op_type == "SerqMatMul"]
     assert all(n.domain == "com.serq" for n in serq)
@@ -180,7 +183,8 @@ def test_odd_hidden_size_converts_exactly(tiny_llama_odd, tmp_path):
             **settings)
     got = _onnx_logits(tmp_path / "out" / "model.onnx", eval_ids)
     ref = fakequant_logits(tiny_llama_odd.hf_dir, [torch.as_tensor(s) for s in calib_ids],
-                           torch.as_tensor(eval_ids)[None], bits_a=8, bits_w=4, **settings)
+                           torch.as_tensor(eval_ids)[None], bits_a=8, bits_w=4, lm_head="int8",
+                           **settings)
     flt = _float_logits(tiny_llama_odd.onnx_path, eval_ids)
     to_ref = compare.diff(got, np.asarray(ref, np.float64).reshape(got.shape))
     assert to_ref.rel_rms < 2e-3, to_ref  # see the tolerance note above

@@ -244,8 +244,18 @@ g (float[2, {K}] x) => (float[2, {N}] logits, float[2, {N}] h2) {{
 
 
 def test_matmul_producing_a_graph_output_is_not_a_target():
+    """Only the MatMul producing ``logits`` is taken as the LM head (by default, as int8)."""
     model = _model(LM_HEAD, **_rng_weights(0, W1=(K, N), W2=(K, N)))
-    plan = _find(model)
+    plan = _find(model, ConvertConfig(lm_head="float"))
+    assert [t.node.inputs[1].name for t in plan.targets] == ["W1"]
+    plan = _find(_model(LM_HEAD, **_rng_weights(0, W1=(K, N), W2=(K, N))))
+    assert [(t.node.inputs[1].name, t.role, t.bits, t.rank_cap) for t in plan.targets] == [
+        ("W1", plan.targets[0].role, None, None), ("W2", "lm_head", (8, 8), 0)]
+
+
+def test_output_other_than_logits_is_never_a_target():
+    graph = LM_HEAD.replace("logits", "out")
+    plan = _find(_model(graph, **_rng_weights(0, W1=(K, N), W2=(K, N))))
     assert [t.node.inputs[1].name for t in plan.targets] == ["W1"]
 
 

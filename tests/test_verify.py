@@ -83,10 +83,10 @@ def test_rank_beyond_k_is_recorded_per_layer(tiny_llama, tmp_path):
     report = convert(tiny_llama.onnx_path, tmp_path / "out", **{**SMALL, "rank": 100,
                                                                   "log": notes.append})
     assert report.config["rank"] == 100
-    assert report.ranks == {"64": 12, "100": 2}
+    assert report.ranks == {"64": 12, "100": 2, "0": 1}  # the int8 LM head takes no R
     assert any("--rank 100 exceeds K" in n for n in notes)
     cfg = json.loads((tmp_path / "out" / "serq_config.json").read_text())
-    assert cfg["ranks"] == {"64": 12, "100": 2}
+    assert cfg["ranks"] == {"64": 12, "100": 2, "0": 1}
 
 
 def test_rank_beyond_every_k_is_refused(tiny_llama, tmp_path):
