@@ -8,6 +8,7 @@ from .calibrate import CalibratePass
 from .cleanup import CleanupPass
 from .find_targets import FindTargetsPass
 from .fold_flattening import FoldFlatteningPass
+from .fuse_attention import FuseAttentionPass, RotaryParams
 from .fuse_siblings import FuseSiblingsPass
 from .gptq import GPTQPass
 from .lowrank_branch import LowRankBranchPass, LowRankFactorsPass
@@ -23,6 +24,7 @@ __all__ = [
     "CleanupPass",
     "FindTargetsPass",
     "FoldFlatteningPass",
+    "FuseAttentionPass",
     "FuseSiblingsPass",
     "GPTQPass",
     "LowRankBranchPass",
@@ -30,6 +32,7 @@ __all__ = [
     "PermuteWeightsPass",
     "QuantizeWeightsPass",
     "ReplaceMatMulPass",
+    "RotaryParams",
     "SalientReconstructionPass",
     "UntieLMHeadPass",
     "VerifyFoldPass",

@@ -39,6 +39,9 @@ def _add_convert(sub) -> None:
                    help="weight group scales: mse (clipping searched for the least rounding "
                    "error) or absmax (max|w| / 7); default: mse for serq and flatten, absmax for "
                    "the baselines")
+    p.add_argument("--fuse-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="each layer's attention as onnxruntime's GroupQueryAttention (checked "
+                   "against the export; kept as exported where not recognised); default: on")
     p.add_argument("--lm-head", default="auto", choices=["auto", "float", "int8"],
                    help="int8 runs the LM head as SerqMatMul with 8-bit weights and activations "
                    "(+0.04%% perplexity on SmolLM2, a quarter of its bytes per token); float keeps "
@@ -65,7 +68,7 @@ def _convert(args) -> int:
                      calib=args.calib, calib_samples=args.calib_samples,
                      calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
                      weight_scale=args.weight_scale, smooth_alpha=args.alpha,
-                     lm_head=args.lm_head,
+                     lm_head=args.lm_head, fuse_attention=args.fuse_attention,
                      verify=not args.no_verify, fuse=not args.no_fuse,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(report.summary())

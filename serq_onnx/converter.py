@@ -37,6 +37,7 @@ class ConversionReport:
     calib_tokens: int
     calib_source: str
     fold_check: str = ""
+    attention: str = ""
     verify: str = ""
     op_check: str = ""
     ranks: dict = field(default_factory=dict)  # effective rank -> layers (clamped to K)
@@ -57,6 +58,7 @@ class ConversionReport:
             f"calibration: {self.calib_tokens} tokens from {self.calib_source}",
             f"folds: {', '.join(f'{k} x{v}' for k, v in sorted(self.folds.items())) or 'none'}",
             *(f"  at run time x{v}: {k}" for k, v in sorted(self.runtime_transforms.items())),
+            f"attention: {self.attention}",
             f"fold check (float graph after folding vs original): {self.fold_check}",
             f"op check (SerqMatMul vs reference): {self.op_check}",
             f"verify (converted vs float): {self.verify}",
@@ -84,7 +86,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
-            smooth_alpha: float = 0.5, lm_head: str = "auto", log=print) -> ConversionReport:
+            smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
+            log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -100,7 +103,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     SERQ, for comparison. ``lm_head`` ``"int8"`` also quantizes the LM head (8-bit weights and
     activations through SerqMatMul, no salient correction); ``"float"`` keeps it float;
     ``"auto"`` (the default) is int8 where the head is a MatMul with a constant weight, else
-    float. The report records what was done.
+    float. The report records what was done. ``fuse_attention``: each layer's attention
+    becomes onnxruntime's ``GroupQueryAttention`` (``passes.FuseAttentionPass``), checked
+    against the original graph; where it is not recognised or the check fails the attention
+    stays as exported, and the report says why.
     """
     from serq_onnx import passes
 
@@ -123,6 +129,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ir_model = load_model(model_path)
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
+    t = time.perf_counter()
+    ir_model, attention = _fuse_attention(ir_model, model_path, log) if fuse_attention else (
+        ir_model, "as exported (--no-fuse-attention)")
+    timings["attention"] = time.perf_counter() - t
     plan = Plan(config)
     if config.lm_head != "float":
         passes.UntieLMHeadPass()(ir_model)
@@ -225,11 +235,38 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
                 p.stat().st_size for p in tmp_out.iterdir()
                 if p.is_file() and p.name not in {out_model.name, out_model.name + ".data"}),
             seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
+            attention=attention,
             verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
             timings=timings)
         report.seconds = time.perf_counter() - t0
         (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, str]:
+    """The model with fused attention and what was done, or the model as it was and why not."""
+    from serq_onnx import passes
+
+    cfg_path = model_path.parent / "config.json"
+    try:
+        rotary = passes.RotaryParams.from_config(json.loads(cfg_path.read_text()))
+    except FileNotFoundError:
+        return model, f"as exported ({cfg_path.name} not found beside the model)"
+    except (ValueError, KeyError, TypeError) as err:
+        return model, f"as exported (RoPE of {cfg_path.name}: {err} is not supported)"
+    nodes_before = sum(1 for _ in model.graph)
+    fuse = passes.FuseAttentionPass(rotary)
+    if not fuse(model).modified:
+        log(f"attention stays as exported: {fuse.reason}")
+        return model, f"as exported ({fuse.reason})"
+    dtype = "float16" if fuse.dtype == ir.DataType.FLOAT16 else "float32"
+    try:
+        check = checks.check_attention_fusion(model_path, model, _vocab_size(model), dtype)
+    except SerqError as err:
+        log(f"attention stays as exported: {err}")
+        return load_model(model_path), f"as exported ({err})"
+    return model, (f"GroupQueryAttention in {fuse.layers} layers ({nodes_before} -> "
+                   f"{sum(1 for _ in model.graph)} nodes); check: {check}")
 
 
 def _effective_ranks(plan: Plan, log) -> dict[str, int]:

@@ -51,8 +51,12 @@ def test_baseline_matches_torch_fakequant(request, fixture, method, scheme, grou
     model = request.getfixturevalue(fixture)
     calib_ids, eval_ids = _data(model)
     settings = dict(rank=RANK, **groups)
+    # Attention as exported: the fake-quant runs the model's own attention, and L2QER's 8-bit
+    # factors turn the fused kernel's float rounding (1e-6 relative) into a few flipped codes.
+    # Fused attention is compared with the fake-quant in test_convert.py (SERQ's defaults).
     convert(model.onnx_path, tmp_path / "out", scheme=scheme, method=method,
-            calib_ids=calib_ids, smooth_alpha=0.5, verify=False, progress=False, **settings)
+            calib_ids=calib_ids, smooth_alpha=0.5, verify=False, progress=False,
+            fuse_attention=False, **settings)
     out = tmp_path / "out" / "model.onnx"
     got = compare.logits(serq_onnx.session(out), eval_ids)
     flt = compare.logits(compare.cpu_session(model.onnx_path), eval_ids)

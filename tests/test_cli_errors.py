@@ -85,8 +85,16 @@ def test_cli_converts_and_reports(tiny_llama, tmp_path):
                 "--group-w", "32", "--group-a", "32", "--calib", str(text),
                 "--calib-samples", "4", "--calib-seqlen", "64")
     assert proc.returncode == 0, proc.stderr
-    assert "converted 14 linear layers" in proc.stdout
+    assert "converted 15 linear layers" in proc.stdout  # 14 decoder linears and the LM head
+    assert "attention: GroupQueryAttention in 2 layers" in proc.stdout
     assert (out / "model.onnx").is_file()
+    off = _cli("convert", str(tiny_llama.onnx_path), "-o", str(tmp_path / "off"), "-q",
+               "--no-fuse-attention", "--lm-head", "float", "--rank", "32", "--group-w", "32",
+               "--group-a", "32", "--calib", str(text), "--calib-samples", "2",
+               "--calib-seqlen", "32")
+    assert off.returncode == 0, off.stderr
+    assert "converted 14 linear layers" in off.stdout
+    assert "attention: as exported (--no-fuse-attention)" in off.stdout
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *words: str) -> None:
