@@ -159,3 +159,28 @@ def test_convert_keeps_attention_when_rope_is_scaled(tiny_llama, tmp_path):
     report = convert(src / "model.onnx", tmp_path / "out", **SMALL)
     assert report.attention.startswith("as exported (RoPE of config.json: ")
     assert "yarn" in report.attention
+
+
+def test_graph_after_onnxruntime_transformer_optimizer_converts(tiny_llama, tmp_path):
+    """onnxruntime's own fusions (gpt2 type: RotaryEmbedding, SkipSimplifiedLayerNormalization)
+    come first here; the converter still folds into the fused norms and fuses the attention."""
+    import shutil
+
+    import onnx
+
+    pytest.importorskip("onnxruntime.transformers.optimizer")
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    src = tmp_path / "optimized"
+    shutil.copytree(tiny_llama.onnx_path.parent, src)
+    c = tiny_llama.config
+    optimize_model(str(tiny_llama.onnx_path), model_type="gpt2", num_heads=c["num_attention_heads"],
+                   hidden_size=c["hidden_size"], opt_level=0).save_model_to_file(
+        str(src / "model.onnx"))
+    ops = Counter(n.op_type for n in onnx.load(str(src / "model.onnx")).graph.node)
+    assert ops["RotaryEmbedding"] == 2 * c["num_hidden_layers"]
+    assert ops["SkipSimplifiedLayerNormalization"] > 0
+    report = convert(src / "model.onnx", tmp_path / "out", **SMALL)
+    assert report.attention.startswith("GroupQueryAttention in 2 layers"), report.attention
+    assert report.folds.get("scale->gamma", 0) >= 2 * c["num_hidden_layers"]
+    assert report.layers_converted == 7 * c["num_hidden_layers"] + 1
