@@ -72,24 +72,9 @@ struct Ops {
 
 namespace avxvnni {
 #define SERQ_T SERQ_TARGET_AVXVNNI
-struct Ops {
-  static constexpr int W = 8, kRows = 4, kPanels = 2, kDecodePanels = 2;
-  using I = __m256i;
-  using F = __m256;
-  SERQ_T static I Zero() { return _mm256_setzero_si256(); }
-  SERQ_T static I Load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  SERQ_T static I LoadI(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  SERQ_T static void Unpack4(I v, I* lo, I* hi) {
-    const I mask = _mm256_set1_epi8(0x0F);
-    *lo = _mm256_and_si256(v, mask);
-    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-  }
-  SERQ_T static I Bcast4(const uint8_t* a) {
-    int32_t v;
-    std::memcpy(&v, a, 4);
-    return _mm256_set1_epi32(v);
-  }
-  // VEX-encoded vpdpbusd (AVX-VNNI: CPUs with VNNI but without AVX-512).
+// The AVX2 kernel with the VEX-encoded vpdpbusd (AVX-VNNI: CPUs with VNNI but without AVX-512).
+// The AVX2 members inline here: their target is a subset of this one.
+struct Ops : avx2::Ops {
   // In-out asm operand as in the AVX-512 kernel; {vex} selects the AVX-VNNI encoding.
   SERQ_T static I Dpbusd(I s, I a, I w) {
     __asm__("%{vex%} vpdpbusd %[w], %[a], %[s]" : [s] "+x"(s) : [a] "x"(a), [w] "x"(w));
@@ -99,17 +84,6 @@ struct Ops {
   // Centered activations (s8) times stored nibbles (u8).
   SERQ_T static I DotPair4C(I s, I a0, I lo, I a1, I hi) { return Dpbusd(Dpbusd(s, lo, a0), hi, a1); }
   SERQ_T static I Dot8(I s, I a, I w) { return Dpbusd(s, a, w); }
-  SERQ_T static I Set1(int32_t v) { return _mm256_set1_epi32(v); }
-  SERQ_T static I Add(I a, I b) { return _mm256_add_epi32(a, b); }
-  SERQ_T static I Sub(I a, I b) { return _mm256_sub_epi32(a, b); }
-  SERQ_T static I MulLo(I a, I b) { return _mm256_mullo_epi32(a, b); }
-  SERQ_T static F ZeroF() { return _mm256_setzero_ps(); }
-  SERQ_T static F LoadF(const float* p) { return _mm256_loadu_ps(p); }
-  SERQ_T static void StoreF(float* p, F v) { _mm256_storeu_ps(p, v); }
-  SERQ_T static F Set1F(float v) { return _mm256_set1_ps(v); }
-  SERQ_T static F MulF(F a, F b) { return _mm256_mul_ps(a, b); }
-  SERQ_T static F AddF(F a, F b) { return _mm256_add_ps(a, b); }
-  SERQ_T static F Cvt(I v) { return _mm256_cvtepi32_ps(v); }
 };
 #include "panel_gemm_x86.inc"
 #undef SERQ_T
