@@ -470,17 +470,35 @@ def prompt_ids(tokenizer_dir: str | os.PathLike, text: str, prompt_tokens: int) 
 # tables
 
 
+def _paired(base: list[float], other: list[float]) -> float | None:
+    """Median over repetitions of base time / other time in the same repetition (None unless
+    both have the same number): with interleaved repetitions a load change hits both alike."""
+    if len(base) != len(other) or not base:
+        return None
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
 def ratio_rows(results: list[SpeedResult], baseline: str = "float32") -> list[dict[str, Any]]:
+    """Per variant: median tok/s, size, and ratios against ``baseline``: ``*_x`` of the
+    medians, ``*_paired`` the median of same-repetition ratios (see :func:`_paired`)."""
     base = next((r for r in results if r.variant == baseline), None)
     rows = []
     for r in results:
         row = {"variant": r.variant, "prefill": r.prefill_tokens_per_s,
                "decode": r.decode_tokens_per_s, "mib": r.size_bytes / 2**20, "note": r.note,
-               "prefill_x": None, "decode_x": None, "size_x": None}
+               "prefill_x": None, "decode_x": None, "size_x": None, "prefill_paired": None,
+               "decode_paired": None}
         if base is not None:
             row["prefill_x"] = r.prefill_tokens_per_s / base.prefill_tokens_per_s
             row["decode_x"] = r.decode_tokens_per_s / base.decode_tokens_per_s
             row["size_x"] = r.size_bytes / base.size_bytes
+            # tokens/s ratio = time ratio inverted, per token (counts may differ: llama.cpp)
+            row["prefill_paired"] = _paired(
+                [t / base.prompt_tokens for t in base.prefill_seconds],
+                [t / r.prompt_tokens for t in r.prefill_seconds])
+            row["decode_paired"] = _paired(
+                [t / base.decode_tokens for t in base.decode_seconds],
+                [t / r.decode_tokens for t in r.decode_seconds])
         rows.append(row)
     return rows
 
@@ -490,13 +508,23 @@ def _x(v: float | None) -> str:
 
 
 def format_table(results: list[SpeedResult]) -> str:
-    head = (f"{'variant':<28} {'prefill tok/s':>13} {'decode tok/s':>12} {'prefill vs fp32':>15} "
-            f"{'decode vs fp32':>14} {'MiB':>8}")
+    """Median tok/s; "vs fp32": median of same-repetition ratios (of medians in brackets)."""
+    head = (f"{'variant':<26} {'prefill tok/s':>13} {'decode tok/s':>12} "
+            f"{'prefill vs fp32':>16} {'decode vs fp32':>16} {'MiB':>7}")
     lines = [head, "-" * len(head)]
     for row in ratio_rows(results):
-        lines.append(f"{row['variant']:<28} {row['prefill']:>13.1f} {row['decode']:>12.1f} "
-                     f"{_x(row['prefill_x']):>15} {_x(row['decode_x']):>14} {row['mib']:>8.1f}")
+        lines.append(f"{row['variant']:<26} {row['prefill']:>13.1f} {row['decode']:>12.1f} "
+                     f"{_xx(row, 'prefill'):>16} {_xx(row, 'decode'):>16} {row['mib']:>7.1f}")
+    lines.append("vs fp32: median over repetitions of the ratio within each repetition; in "
+                 "brackets, the ratio of the medians")
     return "\n".join(lines)
+
+
+def _xx(row: dict[str, Any], key: str) -> str:
+    paired, plain = row[f"{key}_paired"], row[f"{key}_x"]
+    if paired is None:
+        return _x(plain)
+    return f"{_x(paired)} ({_x(plain)})"
 
 
 def format_markdown(results: list[SpeedResult]) -> str:
@@ -505,7 +533,11 @@ def format_markdown(results: list[SpeedResult]) -> str:
     for row in ratio_rows(results):
         name = row["variant"] + (f" ({row['note']})" if row["note"] else "")
         lines.append(f"| {name} | {row['prefill']:.1f} | {row['decode']:.1f} | "
-                     f"{_x(row['prefill_x'])} | {_x(row['decode_x'])} | {row['mib']:.1f} |")
+                     f"{_xx(row, 'prefill')} | {_xx(row, 'decode')} | {row['mib']:.1f} |")
+    lines.append("")
+    lines.append("Ratios: median over repetitions of the ratio within each repetition "
+                 "(repetitions interleaved across variants); in brackets, the ratio of the "
+                 "median tokens/s.")
     return "\n".join(lines)
 
 

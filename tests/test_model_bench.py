@@ -62,7 +62,10 @@ def test_bench_counts_and_table(tiny_llama, serq_tiny):
     assert rows[1]["decode_x"] == pytest.approx(results[1].decode_tokens_per_s
                                                 / results[0].decode_tokens_per_s)
     table, md = mb.format_table(results), mb.format_markdown(results)
-    assert "serq-w4a8" in table and md.count("\n") == 3
+    assert rows[0]["prefill_paired"] == rows[0]["decode_paired"] == pytest.approx(1.0)
+    pairs = [a / b for a, b in zip(results[0].decode_seconds, results[1].decode_seconds)]
+    assert rows[1]["decode_paired"] == pytest.approx(float(np.median(pairs)))
+    assert "serq-w4a8" in table and len([ln for ln in md.splitlines() if ln.startswith("| ")]) == 4
     with pytest.raises(SerqError):
         mb.bench_onnx(mb.Variant("float32", tiny_llama.onnx_path), prompt, decode_tokens=0)
 
