@@ -236,6 +236,7 @@ def test_fusion_probe_on_tiny(tiny_llama, tmp_path, capsys):
     assert entry["fused"].get("SkipSimplifiedLayerNormalization", 0) > 0
     assert entry["check"]["max_abs_diff"] < 1e-4 and entry["check"]["greedy_tokens_equal"]
     assert report["offline"]["ORT_ENABLE_ALL"]["nodes"] < report["original_nodes"]
+    assert 0 < entry["as_run"]["nodes"] <= entry["nodes"]
 
 
 class _FakeRunner:
