@@ -60,6 +60,14 @@ ifndef FUZZ_SEED
 FUZZ_SEED := $(shell date +%s)
 endif
 
+# make bench-cpu: every figure of models/RESULTS-cpu.md (per layer, whole model against float32,
+# MatMulNBits, dynamic int8 and llama.cpp, the decode profile, perplexities) into models/cpu-bench/.
+# llama-cpp-python (the llamacpp extra) compiles llama.cpp on its first install.
+.PHONY: bench-cpu
+bench-cpu: setup
+	$(PIP) install "llama-cpp-python>=0.3.30"
+	$(BIN)/python scripts/cpu_bench.py --cache $(CACHE)
+
 .PHONY: sanitize fuzz
 
 sanitize: setup
