@@ -1,4 +1,4 @@
-"""``serq-onnx`` command line: convert, eval, bench."""
+"""The serq-onnx command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .errors import SerqError
 
+DESCRIPTION = ("serq-onnx: quantize ONNX language models with SERQ (4-bit weights, 4- or 8-bit "
+               "activations) into SerqMatMul nodes that run in onnxruntime; evaluate them, build "
+               "onnxruntime's own 4-bit baseline, and time the kernels.")
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="quantize an ONNX causal LM with SERQ",
@@ -19,7 +22,8 @@ def _add_convert(sub) -> None:
                        "layer becomes one SerqMatMul (4-bit weights, 4/8-bit activations).")
     p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"])
+    p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"],
+                   help="4-bit weights with 8- or 4-bit activations (default w4a8)")
     p.add_argument("--method", default="serq",
                    choices=["serq", "rtn", "flatten", "smoothquant", "l2qer"],
                    help="serq (default); rtn: no flattening, no R; flatten: no R; baselines: "
@@ -28,7 +32,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5,
                    help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--rank", type=int, default=128, help="salient channels r (default 128)")
-    p.add_argument("--group-w", type=int, default=128, help="weight group size along K")
+    p.add_argument("--group-w", type=int, default=128,
+                   help="weight group size along K (default 128)")
     p.add_argument("--group-a", type=int, default=None,
                    help="activation group size (0: whole row; default 128 for w4a8, 32 for w4a4)")
     p.add_argument("--weight-quant", default=None, choices=["gptq", "rtn"],
@@ -47,9 +52,13 @@ def _add_convert(sub) -> None:
                    "(+0.04%% perplexity on SmolLM2, a quarter of its bytes per token); float keeps "
                    "it float; default: auto, int8 where the head is a MatMul with a constant "
                    "weight, else float")
-    p.add_argument("--calib", type=Path, help="UTF-8 text file for calibration")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--calib", type=Path,
+                   help="UTF-8 text file for calibration (default: none, random tokens, with a "
+                   "warning: accuracy suffers)")
+    p.add_argument("--calib-samples", type=int, default=128,
+                   help="calibration sequences (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=2048,
+                   help="tokens per calibration sequence (default 2048)")
     p.add_argument("--no-fuse", action="store_true",
                    help="one SerqMatMul per linear layer (default: q/k/v and gate/up, which read "
                    "the same activation, share one node that quantizes it once)")
@@ -81,14 +90,16 @@ def _add_eval(sub) -> None:
                        "last-word accuracy, both on one text, for float or converted models.")
     p.add_argument("model_dir", type=Path, help="folder with model.onnx and tokenizer.json")
     p.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
-    p.add_argument("--ctx", type=int, default=1024, help="window length (non-overlapping)")
+    p.add_argument("--ctx", type=int, default=1024,
+                   help="window length, non-overlapping (default 1024)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="perplexity on the first N tokens only (default: all)")
     p.add_argument("--last-word", type=int, default=200, metavar="N",
                    help="last-word passages, spread over the whole text (default 200; 0: skip)")
     p.add_argument("--last-word-context", type=int, default=256, metavar="TOKENS",
                    help="context tokens before each last word (default 256)")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write the results as JSON (default: none)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -230,7 +241,10 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="serq-onnx", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="serq-onnx", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"serq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_eval(sub)

@@ -189,3 +189,26 @@ def test_eval_without_tokenizer_names_evaluation(tiny_llama, tmp_path, eval_text
 def test_eval_argument_errors(tiny_llama, eval_text, flags, words):
     _one_error_line(_cli("eval", str(tiny_llama.onnx_path.parent), "--text", str(eval_text),
                          "-q", *flags), *words)
+
+
+def test_every_option_names_its_default_and_version_prints():
+    """Help text names each option's default (flags excepted), as users expect of a CLI."""
+    import argparse
+
+    from serq_onnx import __version__, cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sp in sub.choices.items():
+        for a in sp._actions:
+            flag = isinstance(a, (argparse._HelpAction, argparse._StoreTrueAction,
+                                  argparse._StoreFalseAction))
+            if a.option_strings and not flag and not a.required and "default" not in (a.help or ""):
+                missing.append((name, a.option_strings[0]))
+    assert not missing
+    assert set(sub.choices) == {"convert", "eval", "nbits", "bench"}
+    assert all(c in parser.description for c in ("SerqMatMul", "onnxruntime"))
+    assert "``" not in parser.format_help()
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"serq-onnx {__version__}"
