@@ -148,14 +148,16 @@ def build_int8(float_model: str | os.PathLike, work: str | os.PathLike, *,
                per_channel: bool = False) -> Path:
     """onnxruntime's dynamic int8 quantization (``quantize_dynamic``, QInt8 weights, uint8
     dynamic activations) of the same decoder linears ``serq-onnx convert`` converts; built once
-    under ``work`` (written to a temporary folder there and renamed into place)."""
+    under ``work`` (written to a temporary folder there and renamed into place): ``ort-int8``
+    with per-channel weight scales, ``ort-int8-per-tensor`` with one scale per weight."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     float_model = Path(float_model)
-    out = Path(work) / ("ort-int8-per-channel" if per_channel else "ort-int8")
+    out = Path(work) / ("ort-int8" if per_channel else "ort-int8-per-tensor")
     record = _read_json(out / INT8_CONFIG_FILE)
-    if record and record.get("model") == str(float_model) and (out / "model.onnx").is_file():
+    if (record and record.get("model") == str(float_model)
+            and record.get("per_channel") == per_channel and (out / "model.onnx").is_file()):
         return out / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     names = _target_node_names(float_model)
