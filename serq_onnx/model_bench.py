@@ -145,7 +145,7 @@ def build_nbits(float_model: str | os.PathLike, work: str | os.PathLike, *, bloc
 
 
 def build_int8(float_model: str | os.PathLike, work: str | os.PathLike, *,
-               per_channel: bool = False) -> Path:
+               per_channel: bool = True) -> Path:
     """onnxruntime's dynamic int8 quantization (``quantize_dynamic``, QInt8 weights, uint8
     dynamic activations) of the same decoder linears ``serq-onnx convert`` converts; built once
     under ``work`` (written to a temporary folder there and renamed into place): ``ort-int8``
