@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=REPO / ".cache")
     ap.add_argument("--out", type=Path, default=REPO / "models" / "cpu-bench")
     ap.add_argument("--suite", default="all", help="per-layer shapes (default: all)")
-    ap.add_argument("--seconds", default="0.5", help="per-layer timing per case (default 0.5)")
+    ap.add_argument("--seconds", default="0.3", help="per-layer timing per case (default 0.3)")
     ap.add_argument("--reps", default="5", help="whole-model repetitions (default 5)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     cli = [py, "-m", "serq_onnx.cli"]
     _run(cli + ["bench", "-q", "--suite", args.suite, "--seconds", args.seconds, "--json",
-                out / "layers.json", "--plot", out / "layers.png"], log, out / "layers.txt")
-    _run(cli + ["bench", "-q", "--suite", args.suite, "--seconds", args.seconds, "--markdown"],
-         log, out / "layers.md")
+                out / "layers.json", "--plot", out / "layers.png", "--markdown"], log,
+         out / "layers.md")
     model_bench = [py, REPO / "benchmarks" / "cpu_model_bench.py", "--serq-w4a8", models["w4a8"],
                    "--serq-w4a4", models["w4a4"], "--float", float_model, "--text",
                    texts["prideprejudice"]]
