@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+try:  # the installed package (with its op library); the source tree only without one
+    import serq_onnx  # noqa: F401
+except ImportError:
     sys.path.insert(0, str(REPO))
 
 from serq_onnx import model_bench as mb  # noqa: E402

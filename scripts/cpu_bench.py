@@ -35,7 +35,8 @@ def _run(cmd: list[str], log: Path, out: Path | None = None) -> None:
         f.write(shown + "\n")
     print(f"== {shown}", flush=True)
     t = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, text=True)
+    # Outside the source tree, so that `python -m serq_onnx.cli` is the installed package.
+    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, text=True, cwd=log.parent)
     sys.stdout.write(proc.stdout)
     if out is not None:
         out.write_text(proc.stdout)
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", default="0.3", help="per-layer timing per case (default 0.3)")
     ap.add_argument("--reps", default="5", help="whole-model repetitions (default 5)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from serq_onnx import data
+    from serq_onnx import data  # the installed package: it carries the op library
     from serq_onnx.converter import convert
     from serq_onnx.export import export_causal_lm
 
