@@ -54,6 +54,14 @@ class RotaryParams:
             raise ValueError(f"rope_scaling {scaling.get('rope_type', scaling.get('type'))!r}")
         if config.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial rotary embedding")
+        # Sliding-window attention differs from the kernel's full causal attention only past the
+        # window, where a short check cannot see it: refused outright.
+        window = config.get("sliding_window")
+        if window and config.get("use_sliding_window", True):
+            raise ValueError(f"sliding-window attention ({window} tokens)")
+        for key in ("attn_logit_softcapping", "query_pre_attn_scalar"):
+            if config.get(key):
+                raise ValueError(f"{key} = {config[key]}")
         heads = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
         return cls(theta=float(config.get("rope_theta", 10000.0)), head_dim=head_dim,

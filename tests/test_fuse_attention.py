@@ -148,6 +148,26 @@ def test_scaled_rope_is_refused_with_its_name():
     assert RotaryParams.from_config({**cfg, "rope_scaling": None}).head_dim == 16
 
 
+@pytest.mark.parametrize("extra,words", [
+    ({"sliding_window": 4096}, "sliding-window attention (4096 tokens)"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"query_pre_attn_scalar": 256}, "query_pre_attn_scalar")])
+def test_attention_the_kernel_cannot_express_is_refused(extra, words):
+    """What a short numerical check would not catch (a window longer than the check) or what
+    GroupQueryAttention computes differently is refused from the config, by name."""
+    cfg = {"num_attention_heads": 4, "hidden_size": 64, **extra}
+    with pytest.raises(ValueError) as err:
+        RotaryParams.from_config(cfg)
+    assert words in str(err.value)
+
+
+def test_an_unused_sliding_window_is_no_reason_to_refuse():
+    """Qwen2 configs carry a window they do not use."""
+    cfg = {"num_attention_heads": 4, "hidden_size": 64, "sliding_window": 4096,
+           "use_sliding_window": False}
+    assert RotaryParams.from_config(cfg).head_dim == 16
+
+
 def test_convert_keeps_attention_when_rope_is_scaled(tiny_llama, tmp_path):
     import shutil
 
