@@ -57,7 +57,7 @@ class RotaryParams:
         # Sliding-window attention differs from the kernel's full causal attention only past the
         # window, where a short check cannot see it: refused outright.
         window = config.get("sliding_window")
-        if window and config.get("use_sliding_window", True):
+        if window and config.get("use_sliding_window") is not False:
             raise ValueError(f"sliding-window attention ({window} tokens)")
         for key in ("attn_logit_softcapping", "query_pre_attn_scalar"):
             if config.get(key):
