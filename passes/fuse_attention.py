@@ -144,7 +144,8 @@ def _attention_output(present_value: ir.Value) -> tuple[ir.Node, ir.Value] | Non
                 if r is None:
                     return None
                 return node, r.outputs[0]
-            if node.op_type in ("Unsqueeze", "Expand", "Reshape", "Identity"):
+            # Cast: FP16 exports compute the probabilities and their product in float32.
+            if node.op_type in ("Unsqueeze", "Expand", "Reshape", "Identity", "Cast"):
                 frontier.append(node.outputs[0])
     return None
 
@@ -269,6 +270,17 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             graph.append(node)
             out, pk, pv = node.outputs
             out.name = f"{prefix}/GroupQueryAttention_output_0"
+            # The output projection's weight says which type it reads (FP16 exports hand it a
+            # float32 attention output); the kernel's output is in the cache's type.
+            proj = next(u for u, _ in layer.output.uses() if u.op_type == "MatMul"
+                        and constant_of(u.inputs[1]) is not None)
+            want = constant_of(proj.inputs[1]).const_value.dtype
+            if want != dtype:
+                cast = ir.node("Cast", [out], attributes={"to": want},
+                               name=f"{prefix}/GroupQueryAttention_output_cast")
+                graph.append(cast)
+                cast.outputs[0].name = f"{prefix}/GroupQueryAttention_output_cast_0"
+                out = cast.outputs[0]
             layer.output.replace_all_uses_with(out)
             for old, new in ((layer.present_key, pk), (layer.present_value, pv)):
                 name = old.name

@@ -56,25 +56,24 @@ def test_every_layer_becomes_one_group_query_attention(tiny_llama):
                for o in model.graph.outputs if o.name.startswith("present."))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_odd"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_odd", "tiny_llama_fp16"])
 def test_fused_graph_equals_the_export_on_a_left_padded_batch(fixture, request):
-    """Prefill with padding on the left (as transformers batches) and greedy decode steps."""
+    """Prefill with padding on the left (as transformers batches) and greedy decode steps. The
+    FP16 export computes its attention probabilities in float32 between Casts; the fused graph
+    casts the kernel's output back where the output projection reads float32."""
     tiny = request.getfixturevalue(fixture)
     model, p, _ = _fused(tiny)
+    dtype = "float16" if fixture.endswith("fp16") else "float32"
     check = verify.check_attention_fusion(tiny.onnx_path, model, tiny.config["vocab_size"],
-                                          "float32", steps=3)
-    assert check.tokens_equal and check.rel_max <= verify.ATTENTION_TOLERANCE["float32"], check
+                                          dtype, steps=3)
+    assert check.tokens_equal and check.rel_max <= verify.ATTENTION_TOLERANCE[dtype], check
 
 
-def test_fp16_export_keeps_its_attention_and_says_why(tiny_llama_fp16, tmp_path):
-    """Optimum's FP16 export computes attention in float32 between Casts: not recognised (yet),
-    so it is left as exported, with the reason in the report."""
-    model = load_model(tiny_llama_fp16.onnx_path)
-    p = FuseAttentionPass(_rotary(tiny_llama_fp16))
-    assert not p(model).modified
-    assert p.reason == "layer 0: the key/value projections or the attention output were not found"
+def test_fp16_export_converts_with_fused_attention(tiny_llama_fp16, tmp_path):
     report = convert(tiny_llama_fp16.onnx_path, tmp_path / "out", **SMALL)
-    assert report.attention == f"as exported ({p.reason})"
+    assert report.attention.startswith("GroupQueryAttention in 2 layers"), report.attention
+    ops = Counter(n.op_type for n in load_model(tmp_path / "out" / "model.onnx").graph)
+    assert ops["GroupQueryAttention"] == 2 and ops["SerqMatMul"] > 0
 
 
 def test_a_wrong_fusion_is_caught(tiny_llama):
