@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from . import compare, reference
 from .errors import SerqError
+from .evaluate import causal_lm_spec
 from .modelio import save_model
 
 
@@ -197,31 +198,28 @@ class AttentionCheck:
 def _padded_run(session, vocab: int, steps: int) -> list[np.ndarray]:
     """Logits of a left-padded batch (row 0 has 3 pads), prefill then ``steps`` greedy steps,
     with padded positions zeroed; the inputs an Optimum export takes."""
-    ins = {i.name: i for i in session.get_inputs()}
-    names = [o.name for o in session.get_outputs()]
+    spec = causal_lm_spec(session)
+    outputs = ["logits"] + [present for _, present in spec.past]
+    dt = spec.input_dtypes
     rng = np.random.default_rng(0)
     B, S, P = 2, 12, 3
-    ids = rng.integers(0, vocab, (B, S)).astype(np.int64)
-    mask = np.ones((B, S), np.int64)
+    ids = rng.integers(0, vocab, (B, S)).astype(dt["input_ids"])
+    mask = np.ones((B, S), dt["attention_mask"])
     mask[0, :P] = 0
     pos = np.cumsum(mask, 1) - 1
     pos[mask == 0] = 1
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    for name, i in ins.items():
-        if name.startswith("past_key_values"):
-            dt = np.float16 if "float16" in i.type else np.float32
-            feed[name] = np.zeros((B, i.shape[1], 0, i.shape[3]), dt)
-    outs = session.run(None, feed)
-    res = [np.where(mask[..., None] == 1, outs[0].astype(np.float64), 0.0)]
+    empty = np.zeros((B, spec.kv_heads, 0, spec.head_dim), spec.past_dtype)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+            **{name: empty for name, _ in spec.past}}
+    logits, *present = session.run(outputs, feed)
+    res = [np.where(mask[..., None] == 1, logits.astype(np.float64), 0.0)]
     for _ in range(steps):
-        tok = outs[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
-        feed = {"input_ids": tok, "attention_mask": mask,
-                "position_ids": mask.sum(1, keepdims=True) - 1}
-        feed.update({n.replace("present", "past_key_values"): v
-                     for n, v in zip(names[1:], outs[1:])})
-        outs = session.run(None, feed)
-        res.append(outs[0].astype(np.float64))
+        mask = np.concatenate([mask, np.ones((B, 1), mask.dtype)], 1)
+        feed = {"input_ids": logits[:, -1].argmax(-1)[:, None].astype(dt["input_ids"]),
+                "attention_mask": mask, "position_ids": mask.sum(1, keepdims=True) - 1,
+                **{name: v for (name, _), v in zip(spec.past, present)}}
+        logits, *present = session.run(outputs, feed)
+        res.append(logits.astype(np.float64))
     return res
 
 
