@@ -102,11 +102,11 @@ struct PackJob {
   }
 };
 
-void ParallelRun(const Ort::KernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* job) {
-  if (tasks <= 1 || !ctx) {
-    for (int64_t t = 0; t < tasks; ++t) fn(job, static_cast<size_t>(t));
+void ParallelRun(const Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t tasks, void* job) {
+  if (tasks == 1) {
+    fn(job, 0);
   } else {
-    ctx->ParallelFor(fn, static_cast<size_t>(tasks), 0, job);
+    ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, job);
   }
 }
 
@@ -226,7 +226,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
     const int64_t per = std::max<int64_t>(1, CeilDiv(P_.n_panels, 16));
     PackJob pj{&L_, &P_, Bp, sp, wp, per, Piece<uint8_t>(base, o_pc), Piece<float>(base, o_ps),
                Piece<int32_t>(base, o_pw)};
-    ParallelRun(&ctx, &PackJob::Run, CeilDiv(P_.n_panels, per), &pj);
+    ParallelRun(ctx, &PackJob::Run, CeilDiv(P_.n_panels, per), &pj);
   }
 
   uint8_t* codes = Piece<uint8_t>(base, o_codes);
@@ -240,11 +240,11 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
     QuantizeJob<Ort::Float16_t> qj{&L_, quant_, static_cast<const Ort::Float16_t*>(A.data), asp, pp, M,
                                    rows_per_qtask, Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr,
                                    gemm_.centered, row_ok};
-    ParallelRun(&ctx, &QuantizeJob<Ort::Float16_t>::Run, q_tasks, &qj);
+    ParallelRun(ctx, &QuantizeJob<Ort::Float16_t>::Run, q_tasks, &qj);
   } else {
     QuantizeJob<float> qj{&L_, quant_, static_cast<const float*>(A.data), asp, pp, M, rows_per_qtask,
                           Piece<float>(base, o_x), codes, blk_scale, blk_zero, blk_corr, gemm_.centered, row_ok};
-    ParallelRun(&ctx, &QuantizeJob<float>::Run, q_tasks, &qj);
+    ParallelRun(ctx, &QuantizeJob<float>::Run, q_tasks, &qj);
   }
 
   // Row chunks x column chunks (whole register tiles); one row (decode) is split over columns
@@ -260,7 +260,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
              OutputSink{Y.GetTensorMutableRawData(), fp16, N,
                         bias.present ? static_cast<const float*>(bias.data) : nullptr, row_ok},
              gemm_.run, M, N, rows_per_task, cols, col_tasks};
-  ParallelRun(&ctx, &GemmJob::Run, row_tasks * col_tasks, &gj);
+  ParallelRun(ctx, &GemmJob::Run, row_tasks * col_tasks, &gj);
 }
 
 OrtStatusPtr SerqMatMulCpuKernel::ComputeV2(OrtKernelContext* context) noexcept {
