@@ -81,8 +81,10 @@ def _tiny_tokenizer() -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_TINY_TOKENIZER_TEXT, trainer)
+    # As Llama's tokenizers: no token_type_ids, which generate() would refuse.
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   model_max_length=1 << 20)
+                                   model_max_length=1 << 20,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:

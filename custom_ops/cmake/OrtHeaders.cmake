@@ -3,11 +3,15 @@
 #
 # Sets SERQ_ORT_INCLUDE_DIR (the folder holding onnxruntime_cxx_api.h) and SERQ_ORT_API_VERSION.
 # Order: -DORT_INCLUDE_DIR= / $ENV{ORT_INCLUDE_DIR}; /usr/include/onnxruntime (Debian's
-# libonnxruntime-dev); the official release archive, downloaded into the build folder.
+# libonnxruntime-dev); on a Debian-like machine, Debian 13's libonnxruntime-dev unpacked by
+# scripts/fetch_ort_headers.sh (apt-get download, nothing installed; cached per user), so that a
+# plain `pip install .` works where only the package registries are reachable; the official
+# release archive, downloaded from GitHub into the build folder.
 
 set(SERQ_ORT_RELEASE_VERSION "1.21.0" CACHE STRING
     "onnxruntime release whose headers are downloaded when none are found locally")
 option(SERQ_ORT_DOWNLOAD "Download onnxruntime's release archive for its headers if none are found" ON)
+option(SERQ_ORT_FETCH_DEBIAN "Unpack Debian 13's libonnxruntime-dev headers (apt-get download) if none are found" ON)
 set(SERQ_ORT_MIN_API_VERSION 17)  # KernelContext_ParallelFor and KernelComputeV2
 
 # A folder counts when it holds the header itself, or an onnxruntime/ or include/ folder that does
@@ -21,6 +25,40 @@ function(_serq_ort_probe root out_var)
       return()
     endif()
   endforeach()
+endfunction()
+
+# Debian 13's libonnxruntime-dev, fetched by scripts/fetch_ort_headers.sh into a per-user cache
+# ($SERQ_ORT_HEADERS_CACHE, else $XDG_CACHE_HOME or ~/.cache, /serq-onnx/ort-headers).
+function(_serq_ort_fetch_debian out_var)
+  set(${out_var} "" PARENT_SCOPE)
+  set(_script "${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../../scripts/fetch_ort_headers.sh")
+  find_program(_serq_apt apt-get)
+  find_program(_serq_dpkg dpkg-deb)
+  find_program(_serq_bash bash)
+  if(NOT EXISTS "${_script}" OR NOT _serq_apt OR NOT _serq_dpkg OR NOT _serq_bash)
+    return()
+  endif()
+  if(DEFINED ENV{SERQ_ORT_HEADERS_CACHE} AND NOT "$ENV{SERQ_ORT_HEADERS_CACHE}" STREQUAL "")
+    set(_cache "$ENV{SERQ_ORT_HEADERS_CACHE}")
+  elseif(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
+    set(_cache "$ENV{XDG_CACHE_HOME}/serq-onnx/ort-headers")
+  elseif(DEFINED ENV{HOME})
+    set(_cache "$ENV{HOME}/.cache/serq-onnx/ort-headers")
+  else()
+    set(_cache "${CMAKE_BINARY_DIR}/_deps/ort-headers-debian")
+  endif()
+  message(STATUS "serq_onnx: fetching Debian 13's libonnxruntime-dev headers into ${_cache}")
+  execute_process(COMMAND "${_serq_bash}" "${_script}" "${_cache}"
+                  OUTPUT_VARIABLE _dir ERROR_VARIABLE _err RESULT_VARIABLE _rc
+                  OUTPUT_STRIP_TRAILING_WHITESPACE TIMEOUT 300)
+  if(NOT _rc EQUAL 0)
+    string(REGEX REPLACE "\n$" "" _err "${_err}")
+    string(REGEX MATCH "[^\n]*$" _last "${_err}")
+    message(STATUS "serq_onnx: fetching the Debian headers failed (${_rc}): ${_last}")
+    return()
+  endif()
+  _serq_ort_probe("${_dir}" _found)
+  set(${out_var} "${_found}" PARENT_SCOPE)
 endfunction()
 
 function(_serq_ort_download out_var)
@@ -55,7 +93,8 @@ function(_serq_ort_download out_var)
                    "(set -DSERQ_ORT_ARCHIVE_SHA256=<sha256> to verify it)")
   endif()
   file(MAKE_DIRECTORY "${_dir}")
-  file(DOWNLOAD "${_url}" "${_archive}" ${_hash_args} STATUS _status TLS_VERIFY ON TIMEOUT 300)
+  file(DOWNLOAD "${_url}" "${_archive}" ${_hash_args} STATUS _status TLS_VERIFY ON TIMEOUT 300
+       INACTIVITY_TIMEOUT 30)
   list(GET _status 0 _code)
   if(NOT _code EQUAL 0)
     list(GET _status 1 _msg)
@@ -90,6 +129,10 @@ function(serq_find_ort_headers)
   else()
     _serq_ort_probe("/usr/include/onnxruntime" _inc)
     set(_how "the system (libonnxruntime-dev)")
+    if(NOT _inc AND SERQ_ORT_FETCH_DEBIAN)
+      _serq_ort_fetch_debian(_inc)
+      set(_how "Debian 13's libonnxruntime-dev (scripts/fetch_ort_headers.sh)")
+    endif()
     if(NOT _inc AND SERQ_ORT_DOWNLOAD)
       _serq_ort_download(_inc)
       set(_how "the onnxruntime ${SERQ_ORT_RELEASE_VERSION} release archive")
@@ -98,13 +141,11 @@ function(serq_find_ort_headers)
 
   if(NOT _inc)
     message(FATAL_ERROR
-      "serq_onnx: the onnxruntime C/C++ API headers (onnxruntime_cxx_api.h) were not found. Either\n"
-      "  * pass -DORT_INCLUDE_DIR=<dir> or set the environment variable ORT_INCLUDE_DIR=<dir>\n"
-      "    (with pip: ORT_INCLUDE_DIR=<dir> pip install .), or\n"
-      "  * install Debian/Ubuntu's libonnxruntime-dev (/usr/include/onnxruntime), or\n"
-      "  * run scripts/fetch_ort_headers.sh, which unpacks them into .cache/ort-headers and prints <dir>, or\n"
-      "  * allow the download of the onnxruntime ${SERQ_ORT_RELEASE_VERSION} release archive\n"
-      "    (SERQ_ORT_DOWNLOAD=ON and network access to github.com).")
+      "serq_onnx: the onnxruntime C/C++ API headers (onnxruntime_cxx_api.h) were not found\n"
+      "(looked in ORT_INCLUDE_DIR, /usr/include/onnxruntime, Debian 13's libonnxruntime-dev via\n"
+      "apt-get, and the onnxruntime ${SERQ_ORT_RELEASE_VERSION} release archive on github.com).\n"
+      "Unpack onnxruntime's release archive (or any folder holding onnxruntime_cxx_api.h) and run\n"
+      "  ORT_INCLUDE_DIR=<that folder>/include pip install .")
   endif()
 
   file(STRINGS "${_inc}/onnxruntime_c_api.h" _ver_line REGEX "^#define ORT_API_VERSION [0-9]+")
