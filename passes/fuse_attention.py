@@ -36,6 +36,10 @@ from .find_targets import constant_of
 _STD = ("", "ai.onnx")
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
+# Model metadata saying that past and present KV tensors may share one buffer
+# (``serq_onnx.evaluate`` decodes that way; genai's past_present_share_buffer).
+SHARE_BUFFER_KEY = "serq.past_present_share_buffer"
+
 
 @dataclass(frozen=True)
 class RotaryParams:
@@ -292,6 +296,10 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         RemoveUnusedNodesPass()(model)
         ir.passes.common.TopologicalSortPass()(model)
         model.opset_imports.setdefault("com.microsoft", 1)
+        # Only GroupQueryAttention reads the cache now, so a caller may bind one preallocated
+        # [batch, kv_heads, max_length, head_dim] buffer as both past and present: the kernel
+        # then writes only the new positions instead of copying the whole cache every step.
+        model.metadata_props[SHARE_BUFFER_KEY] = "1"
         self.layers = len(layers)
         return ir.passes.PassResult(model, modified=True)
 

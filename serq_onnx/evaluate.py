@@ -391,9 +391,21 @@ class _Greedy:
     arrays everywhere (the reference the bound path is tested against).
     """
 
-    def __init__(self, sess: Any, spec: CausalLMSpec, io_binding: bool = True):
+    def __init__(self, sess: Any, spec: CausalLMSpec, io_binding: bool = True,
+                 max_length: int | None = None):
         self.sess, self.spec, self.io_binding = sess, spec, io_binding
         self.device, self.device_id = _device(sess)
+        # Graphs whose cache only GroupQueryAttention reads (the converter's fused attention
+        # marks them) decode in place: one [1, kv_heads, max_length, head_dim] buffer per cache
+        # tensor, bound as both past and present, so each step writes only its own position.
+        self.shared: list[Any] | None = None
+        if io_binding and max_length and _shares_buffer(sess):
+            import onnxruntime as ort
+
+            shape = [1, spec.kv_heads, int(max_length), spec.head_dim]
+            self.shared = [ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, spec.past_dtype, self.device, self.device_id) for _ in spec.past]
+            self.max_length = int(max_length)
         out = next(o for o in sess.get_outputs() if o.name == "logits")
         self._vocab = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
         self._logits_dtype = _ORT_TYPES.get(out.type)
@@ -416,10 +428,16 @@ class _Greedy:
                 past = [feed.pop(name) for name, _ in self.spec.past]
             feed.update({name: value for (name, _), value in zip(self.spec.past, past)})
             logits, *present = self.sess.run(self._outputs, feed)
+            self.logits = logits
             return int(np.argmax(logits[0, -1])), present
         binding = self.sess.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
+        if self.shared is not None:
+            if feed["attention_mask"].shape[1] > self.max_length:
+                raise SerqError(f"the sequence outgrew the {self.max_length}-position KV cache "
+                                "buffer; give a larger max_length")
+            past = self.shared  # on prefill its contents are ignored: the past length is 0
         if past is not None:
             for (name, _), value in zip(self.spec.past, past):
                 binding.bind_ortvalue_input(name, value)
@@ -428,12 +446,16 @@ class _Greedy:
             binding.bind_output("logits", "cpu")
         else:
             binding.bind_output("logits", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        for _, present in self.spec.past:
-            binding.bind_output(present, self.device, self.device_id)
+        for i, (_, present) in enumerate(self.spec.past):
+            if self.shared is not None:
+                binding.bind_ortvalue_output(present, self.shared[i])
+            else:
+                binding.bind_output(present, self.device, self.device_id)
         self.sess.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy() if buf is None else buf
-        return int(np.argmax(logits[0, -1])), list(outputs[1:])
+        logits = self.logits = outputs[0].numpy() if buf is None else buf
+        return int(np.argmax(logits[0, -1])), (self.shared if self.shared is not None
+                                               else list(outputs[1:]))
 
     def prefill(self, ids: np.ndarray) -> tuple[int, list[Any]]:
         return self._run(prefill_feed(self.spec, ids), None)
@@ -445,6 +467,17 @@ class _Greedy:
         if "position_ids" in dt:
             feed["position_ids"] = np.array([[position]], dt["position_ids"])
         return self._run(feed, past)
+
+
+def _shares_buffer(sess: Any) -> bool:
+    """Whether the model says its past and present KV tensors may share one buffer."""
+    from serq_onnx.passes.fuse_attention import SHARE_BUFFER_KEY
+
+    try:
+        meta = sess.get_modelmeta().custom_metadata_map
+    except AttributeError:  # a stand-in session without model metadata
+        return False
+    return meta.get(SHARE_BUFFER_KEY) == "1"
 
 
 def decode_speed(session: SessionLike, prompt_ids: np.ndarray, new_tokens: int = 32,
@@ -466,7 +499,7 @@ def decode_speed(session: SessionLike, prompt_ids: np.ndarray, new_tokens: int =
     if not spec.has_past:
         raise SerqError("model has no past_key_values inputs, so it cannot decode with a KV "
                         "cache; export it with --task text-generation-with-past")
-    gen = _Greedy(sess, spec, io_binding=io_binding)
+    gen = _Greedy(sess, spec, io_binding=io_binding, max_length=len(prompt) + new_tokens)
     if warmup:  # first runs allocate and pick kernels; keep them out of the timings
         token, past = gen.prefill(prompt)
         gen.step(token, len(prompt), past)

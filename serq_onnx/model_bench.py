@@ -703,7 +703,7 @@ def profile_decode(path: str | os.PathLike, prompt: np.ndarray, *, steps: int = 
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         sess = bench_session(path, threads, options=so, spinning=spinning)
         spec = causal_lm_spec(sess)
-        gen = _Greedy(sess, spec)
+        gen = _Greedy(sess, spec, max_length=len(prompt) + warmup_steps + steps + 1)
         token, past = gen.prefill(prompt)
         pos = len(prompt)
         for _ in range(warmup_steps + steps):

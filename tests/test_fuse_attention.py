@@ -203,3 +203,37 @@ def test_graph_after_onnxruntime_transformer_optimizer_converts(tiny_llama, tmp_
     assert report.attention.startswith("GroupQueryAttention in 2 layers"), report.attention
     assert report.folds.get("scale->gamma", 0) >= 2 * c["num_hidden_layers"]
     assert report.layers_converted == 7 * c["num_hidden_layers"] + 1
+
+
+def test_fused_model_decodes_in_one_shared_cache_buffer(tiny_llama, tmp_path):
+    """The fused model is marked as able to share past/present buffers; decoding that way
+    (one preallocated buffer per cache tensor) gives at every step the logits of the plain
+    numpy path, which passes a new cache each step."""
+    from serq_onnx.evaluate import _Greedy, causal_lm_spec, decode_speed
+    from serq_onnx.passes.fuse_attention import SHARE_BUFFER_KEY
+
+    import serq_onnx
+
+    convert(tiny_llama.onnx_path, tmp_path / "out", **SMALL)
+    sess = serq_onnx.session(tmp_path / "out" / "model.onnx")
+    assert sess.get_modelmeta().custom_metadata_map.get(SHARE_BUFFER_KEY) == "1"
+    spec = causal_lm_spec(sess)
+    prompt = np.arange(3, 20, dtype=np.int64)
+    shared = _Greedy(sess, spec, max_length=len(prompt) + 8)
+    plain = _Greedy(sess, spec, io_binding=False)
+    assert shared.shared is not None and plain.shared is None
+    (ta, pa), (tb, pb) = shared.prefill(prompt), plain.prefill(prompt)
+    rng = np.random.default_rng(0)
+    for pos in range(len(prompt), len(prompt) + 7):
+        np.testing.assert_allclose(shared.logits, plain.logits, rtol=0, atol=1e-5)
+        token = int(rng.integers(3, tiny_llama.config["vocab_size"]))  # not the degenerate argmax
+        (ta, pa), (tb, pb) = shared.step(token, pos, pa), plain.step(token, pos, pb)
+    np.testing.assert_allclose(shared.logits, plain.logits, rtol=0, atol=1e-5)
+    with pytest.raises(SerqError, match="outgrew"):
+        shared.step(3, len(prompt) + 8, pa)
+    # The export itself is not marked: its cache goes through Concat, so it keeps fresh buffers.
+    float_sess = compare.cpu_session(tiny_llama.onnx_path)
+    assert _Greedy(float_sess, causal_lm_spec(float_sess), max_length=64).shared is None
+    a = decode_speed(sess, prompt, new_tokens=6, warmup=True)["tokens"]
+    b = decode_speed(sess, prompt, new_tokens=6, warmup=False, io_binding=False)["tokens"]
+    assert a == b
