@@ -32,8 +32,20 @@ def _is_weight(value: ir.Value | None) -> bool:
             and len(value.const_value.shape) == 2 and value.const_value.dtype in _FLOAT)
 
 
+def _source_name(node: ir.Node) -> str:
+    """The name that says which module a node came from: torch.onnx's dynamo exporter names
+    nodes ``node_linear_3`` but records the module path (``...layers.0.self_attn.q_proj``) in
+    its ``pkg.torch.onnx.name_scopes`` metadata; other exporters name the node itself."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    found = re.findall(r"'([^']*)'", scopes)
+    for scope in reversed(found):
+        if _ROLE.search(scope) or scope.endswith("lm_head"):
+            return scope
+    return node.name or ""
+
+
 def _label(node: ir.Node, index: int) -> tuple[str, str, int]:
-    name = node.name or ""
+    name = _source_name(node)
     role_m, layer_m = _ROLE.search(name), _LAYER.search(name)
     role = role_m.group(1) if role_m else f"linear{index}"
     layer = int(layer_m.group(1)) if layer_m else -1
