@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, converter, pipeline, reference
+from . import calibration, converter, output_dir, pipeline, reference
 from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan, Target
 
@@ -237,8 +237,6 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     if output is not None:
         output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
-    from . import output_dir
-
     file_bytes = sum(p.stat().st_size
                      for p in [model_path, *output_dir.external_data_files(ir_model)])
     graph_bytes = max(file_bytes - bytes_before, 0)  # nodes, names, shapes: ~ node count
