@@ -33,14 +33,21 @@ REFERENCE = dict(
     gram_flops_per_token=2 * 30 * (3 * 576 ** 2 + 1536 ** 2),  # sum of K^2 over group inputs
     weights=106.2e6,
     calib_s=39.9, gram_s=59.8 - 39.9, rtn_mse_s=7.6, gptq_s=23.3,
-    other_s=61.5 - 39.9 - 7.6,  # load, fold check, op check, save, verify: ~ model bytes
+    # load, fold check, op check, save, verify (~ model bytes): the rest of each total
+    other_s=((61.5 - 39.9 - 7.6) + (96.0 - 59.8 - 23.3)) / 2,
     model_bytes=514 * MIB,
 )
 _R = REFERENCE
 FORWARD_FLOPS_PER_S = _R["tokens"] * _R["forward_flops_per_token"] / _R["calib_s"]
 GRAM_FLOPS_PER_S = _R["tokens"] * _R["gram_flops_per_token"] / _R["gram_s"]
 RTN_MSE_WEIGHTS_PER_S = REFERENCE["weights"] / REFERENCE["rtn_mse_s"]
-GPTQ_WEIGHTS_PER_S = REFERENCE["weights"] / REFERENCE["gptq_s"]
+# GPTQ: a Cholesky factor and a triangular inverse per group input (about 3 K^3 FLOPs, at the
+# forward pass's rate), then a sweep whose cost is per weight (576 x 1536 and 1536 x 576 take
+# the same time here); the sweep's rate is what remains of the measured time.
+GPTQ_FLOPS_PER_K3 = 3.0
+_REF_K3 = 30 * (3 * 576 ** 3 + 1536 ** 3)
+GPTQ_WEIGHTS_PER_S = REFERENCE["weights"] / (
+    REFERENCE["gptq_s"] - GPTQ_FLOPS_PER_K3 * _REF_K3 / FORWARD_FLOPS_PER_S)
 # Measured here on one 576 x 1536 and one 1536 x 576 layer: absmax rounding is 22-37x faster
 # than the searched scales; GPTQ with absmax scales takes about 0.8x the time of GPTQ with
 # searched ones (the sweep dominates).
@@ -50,6 +57,11 @@ OTHER_S_PER_BYTE = REFERENCE["other_s"] / REFERENCE["model_bytes"]
 # Resident memory of a Python process with numpy, onnx_ir, onnxruntime and tokenizers loaded:
 # the tiny test model's conversion peaks at 154 MiB (its arrays are negligible).
 BASE_RSS = 150 * MIB
+# Peak resident memory over the float model's bytes beyond BASE_RSS and the Gram matrices:
+# 7.2 in a measured round-to-nearest conversion of a 99 MiB model (SmolLM2's layer shapes, 6
+# layers, vocabulary 8192; 860 MiB peak); its GPTQ run peaked at 1010 MiB, this model says
+# 1105 (+9%).
+MODEL_COPIES = 7.2
 
 
 @dataclass
@@ -157,7 +169,39 @@ def _live_initializer_bytes(model: ir.Model) -> int:
                if v.const_value is not None and (v.uses() or v in outs or v in ins))
 
 
-def _estimate_size(model: ir.Model, plan: Plan, graph_bytes: int) -> dict:
+# Protobuf bytes of one SerqMatMul node (op, domain, 8 attributes, names; 190-230 measured on
+# the tiny Llama's conversions) and of one initializer beyond its name and data.
+SERQ_NODE_BYTES = 230
+INIT_BYTES = 20
+
+
+def _graph_bytes(model: ir.Model, plan: Plan, node_bytes: float, fuse: bool) -> int:
+    """Bytes of the converted graph without initializer data: the float nodes that stay at the
+    export's bytes per node, the SerqMatMul nodes (and L2QER branches, fused Splits) at
+    ``SERQ_NODE_BYTES``, each initializer its name plus ``INIT_BYTES``."""
+    from .passes.fold_flattening import RUNTIME_KEY
+
+    cfg = plan.config
+    kept = sum(1 for n in model.graph if n.metadata_props.get(RUNTIME_KEY) is None
+               and n not in {t.node for t in plan.targets})
+    serq_nodes, inits = 0, 0
+    for g in plan.groups:
+        names = sum(len(t.weight.name or t.name) + 11 for t in g.targets)  # ".serq_scales"
+        fused = fuse and len(g.targets) > 1 and cfg.method != "l2qer"
+        serq_nodes += 2 if fused else len(g.targets)  # the fused op and its Split
+        inits += (3 * (names // len(g.targets) + 7) + 40) if fused else 3 * names
+        if cfg.method == "l2qer":
+            serq_nodes += 3 * len(g.targets)  # A, B and the Add
+            inits += 6 * names + 6 * 30
+    live = [v for v in model.graph.initializers.values()
+            if v.uses() and not any(u.node in {t.node for t in plan.targets} and u.idx == 1
+                                    for u in v.uses())]
+    inits += sum(len(v.name or "") for v in live)
+    n_inits = len(live) + 3 * len(plan.targets) * (3 if cfg.method == "l2qer" else 1)
+    return int(kept * node_bytes + serq_nodes * SERQ_NODE_BYTES + inits + n_inits * INIT_BYTES)
+
+
+def _estimate_size(model: ir.Model, plan: Plan, node_bytes: float, fuse: bool) -> dict:
     """Bytes of the converted model file(s): the initializers the float graph keeps after the
     folds, less the target weights, plus their SerqMatMul inputs, plus the graph itself."""
     cfg = plan.config
@@ -172,8 +216,9 @@ def _estimate_size(model: ir.Model, plan: Plan, graph_bytes: int) -> dict:
                      if n.metadata_props.get(RUNTIME_KEY) == "scale"
                      and n.inputs[1].const_value.dtype == ir.DataType.FLOAT16)
     rest = _live_initializer_bytes(model) - float_w + f16_scales
-    return dict(float_weights=float_w, serq_weights=serq, rest=rest, graph=graph_bytes,
-                total=serq + rest + graph_bytes)
+    graph = _graph_bytes(model, plan, node_bytes, fuse)
+    return dict(float_weights=float_w, serq_weights=serq, rest=rest, graph=graph,
+                total=serq + rest + graph)
 
 
 def _forward_flops(plan: Plan, vocab: int) -> float:
@@ -199,18 +244,19 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
     if cfg.weight_quant == "gptq":
         secs["gptq"] = weights / GPTQ_WEIGHTS_PER_S * (
             1.0 if cfg.weight_scale == "mse" else GPTQ_ABSMAX_FACTOR)
+        secs["gptq"] += sum(GPTQ_FLOPS_PER_K3 * g.K ** 3 for g in plan.groups) / FORWARD_FLOPS_PER_S
     else:
         secs["quantization"] = weights / RTN_MSE_WEIGHTS_PER_S / (
             1.0 if cfg.weight_scale == "mse" else ABSMAX_SPEEDUP)
     secs["other"] = bytes_before * OTHER_S_PER_BYTE * (1.0 if verify else 0.5)
     secs["total"] = sum(secs.values())
-    # Peak: the loaded model, onnxruntime's copy of it while calibrating (or verifying), the
+    # Peak: MODEL_COPIES times the float model (the loaded graph, its flattened weights, and
+    # onnxruntime sessions with pre-packed weights, two at once while checking the fold), the
     # logits of one sequence, and for GPTQ the float64 Gram matrix of every group (all kept
-    # until the sweep) plus one float32 set returned per sequence.
+    # until the sweep) plus the float32 set one calibration run returns.
     grams = sum(g.K ** 2 for g in plan.groups) * (8 + 4) if cfg.weight_quant == "gptq" else 0
     logits = seqlen * vocab * 4
-    work = 4 * max(t.K * t.N for t in plan.targets) * 3  # float copies of the largest layer
-    peak = BASE_RSS + 2 * bytes_before + grams + logits + work
+    peak = BASE_RSS + MODEL_COPIES * bytes_before + grams + logits
     return secs, int(peak)
 
 
@@ -239,8 +285,8 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     bytes_before = model_nbytes(ir_model)
     file_bytes = sum(p.stat().st_size
                      for p in [model_path, *output_dir.external_data_files(ir_model)])
-    graph_bytes = max(file_bytes - bytes_before, 0)  # nodes, names, shapes: ~ node count
-    nodes_original = sum(1 for _ in ir_model.graph)
+    # the export's bytes per node (its ops, names, attributes), for the nodes that stay float
+    node_bytes = max(file_bytes - bytes_before, 0) / max(sum(1 for _ in ir_model.graph), 1)
     if fuse_attention:
         fuse_pass, nodes_before, why_not = converter.fuse_attention_structure(ir_model,
                                                                              model_path)
@@ -285,8 +331,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     groups = [dict(name=g.name, kind=g.kind, K=g.K, targets=[t.name for t in g.targets],
                    folded=list(g.folded), runtime_reason=g.runtime_reason)
               for g in plan.groups]
-    graph_bytes = graph_bytes * sum(1 for _ in ir_model.graph) // max(nodes_original, 1)
-    size = _estimate_size(ir_model, plan, graph_bytes)
+    size = _estimate_size(ir_model, plan, node_bytes, fuse)
     secs, peak = estimate(plan, tokens, seqlen, bytes_before, vocab, verify)
     note = ("an estimate: the rates of a measured SmolLM2-135M conversion on an idle "
             "desktop CPU applied to this model's FLOPs and weights; scale by your machine's "
