@@ -23,6 +23,8 @@ from serq_onnx.evaluate import causal_lm_spec, prefill_feed
 from serq_onnx.modelio import save_model
 from serq_onnx.plan import Plan
 
+from ._base import PlanPass
+
 
 def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
@@ -91,7 +93,7 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
     return nodes, outs, inits
 
 
-class CalibratePass(ir.passes.InPlacePass):
+class CalibratePass(PlanPass):
     """Set ``group.absmax`` for every group from the float model on ``sequences``.
 
     When the plan's config asks for GPTQ, also ``group.gram`` (float64 ``[K, K]``, the sum of
@@ -100,10 +102,17 @@ class CalibratePass(ir.passes.InPlacePass):
     """
 
     def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True):
-        super().__init__()
-        self.plan = plan
+        super().__init__(plan)
         self.sequences = sequences
         self.progress = progress
+
+    def requires(self, model: ir.Model) -> None:
+        """Target layers found (FindTargetsPass); their inputs are values of the float graph."""
+        self.require_targets()
+        live = set(model.graph.inputs) | {v for n in model.graph for v in n.outputs}
+        lost = [g.name for g in self.plan.groups if g.value not in live]
+        self.precondition(not lost, f"the input of {lost[0] if lost else ''} is no longer in "
+                          "the graph; calibrate before any pass rewrites the graph")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         import onnxruntime as ort

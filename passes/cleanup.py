@@ -8,11 +8,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 class CleanupPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        RemoveUnusedNodesPass()(model)
-        RemoveUnusedOpsetsPass()(model)
+        modified = RemoveUnusedNodesPass()(model).modified
+        modified = RemoveUnusedOpsetsPass()(model).modified or modified
         graph = model.graph
         used_inputs = set(graph.inputs)
         for name, value in list(graph.initializers.items()):
             if not value.uses() and value not in graph.outputs and value not in used_inputs:
                 del graph.initializers[name]
-        return ir.passes.PassResult(model, modified=True)
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)

@@ -73,6 +73,15 @@ def _only_used_by(value: ir.Value, nodes: set) -> bool:
 
 
 class FoldFlatteningPass(PlanPass):
+    def requires(self, model: ir.Model) -> None:
+        """Target layers found; if the method flattens, calibration statistics (absmax) of
+        every group (CalibratePass)."""
+        self.require_targets()
+        if self.plan.config.flattens:
+            missing = [g.name for g in self.plan.groups if g.absmax is None]
+            self.precondition(not missing, f"no calibration statistics for "
+                              f"{missing[0] if missing else ''}; run CalibratePass first")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for group in self.plan.groups:

@@ -24,6 +24,13 @@ def _key(node: ir.Node) -> tuple:
 
 
 class FuseSiblingsPass(PlanPass):
+    def requires(self, model: ir.Model) -> None:
+        """Every target already a SerqMatMul (ReplaceMatMulPass)."""
+        self.require_targets()
+        raw = [t.name for t in self.plan.targets if t.node.op_type != reference.OP_TYPE]
+        self.precondition(not raw, f"{raw[0] if raw else ''} is still a float MatMul; run "
+                          "ReplaceMatMulPass first")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False

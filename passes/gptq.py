@@ -20,7 +20,8 @@ from serq_onnx import reference
 from serq_onnx.errors import SerqError
 from serq_onnx.plan import InputGroup, Plan
 
-from .quantize import pack_target
+from ._base import PlanPass
+from .quantize import pack_target, require_residuals
 
 
 def layer_hessian(gram: np.ndarray, tokens: int, s: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -99,7 +100,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
     return codes, scales
 
 
-class GPTQPass(ir.passes.InPlacePass):
+class GPTQPass(PlanPass):
     """Quantize every residual main weight with GPTQ and pack the op inputs.
 
     A drop-in for ``QuantizeWeightsPass`` when ``config.weight_quant == "gptq"``: it needs the
@@ -109,9 +110,18 @@ class GPTQPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, plan: Plan, progress: bool = True):
-        super().__init__()
-        self.plan = plan
+        super().__init__(plan)
         self.progress = progress
+
+    def requires(self, model: ir.Model) -> None:
+        """Calibration Gram matrices (CalibratePass with weight_quant gptq), scales and order
+        (FoldFlatteningPass), residual main weights (SalientReconstructionPass)."""
+        require_residuals(self)
+        self.require_flattening()
+        missing = [g.name for g in self.plan.groups if g.gram is None]
+        self.precondition(not missing, f"no calibration Gram matrix for "
+                          f"{missing[0] if missing else ''}; run CalibratePass with "
+                          "weight_quant 'gptq' first")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         with tqdm(total=len(self.plan.targets), desc="GPTQ", unit="layer",

@@ -60,6 +60,21 @@ class LowRankFactorsPass(PlanPass):
     """Set ``target.lowrank`` for every target; run after the main weight is quantized and
     before ``ReplaceMatMulPass`` (it reads the float weight initializer)."""
 
+    def requires(self, model: ir.Model) -> None:
+        """Calibration mean |x| of every group (CalibratePass, method l2qer); main weights
+        quantized (QuantizeWeightsPass or GPTQPass); float MatMuls still in place."""
+        self.require_targets()
+        missing = [g.name for g in self.plan.groups if g.absmean is None]
+        self.precondition(not missing, f"no calibration mean |x| for "
+                          f"{missing[0] if missing else ''}; run CalibratePass with method "
+                          "'l2qer' first")
+        raw = [t.name for t in self.plan.targets if t.weights is None]
+        self.precondition(not raw, f"{raw[0] if raw else ''} is not quantized; run "
+                          "QuantizeWeightsPass or GPTQPass first")
+        done = [t.name for t in self.plan.targets if t.node.op_type != "MatMul"]
+        self.precondition(not done, f"{done[0] if done else ''} is no longer a float MatMul; "
+                          "run before ReplaceMatMulPass")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for group in self.plan.groups:
@@ -81,6 +96,14 @@ class LowRankFactorsPass(PlanPass):
 class LowRankBranchPass(PlanPass):
     """``Y = SerqMatMul(X; Wq) + SerqMatMul(SerqMatMul(X; A), B)`` for every target with
     ``target.lowrank``; run after ``ReplaceMatMulPass``."""
+
+    def requires(self, model: ir.Model) -> None:
+        """Every target with low-rank factors (LowRankFactorsPass) already a SerqMatMul
+        (ReplaceMatMulPass)."""
+        raw = [t.name for t in self.plan.targets
+               if t.lowrank is not None and t.node.op_type != reference.OP_TYPE]
+        self.precondition(not raw, f"{raw[0] if raw else ''} is still a float MatMul; run "
+                          "ReplaceMatMulPass first")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False

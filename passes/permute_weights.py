@@ -15,6 +15,11 @@ from ._base import PlanPass
 
 
 class PermuteWeightsPass(PlanPass):
+    def requires(self, model: ir.Model) -> None:
+        """Flattening scales and order chosen and folded (FoldFlatteningPass)."""
+        if self.plan.config.flattens:
+            self.require_flattening()
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.plan.config.flattens:
             return ir.passes.PassResult(model, modified=False)

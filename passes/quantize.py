@@ -14,6 +14,8 @@ import numpy as np
 from serq_onnx import reference
 from serq_onnx.plan import ConvertConfig, Plan, Target
 
+from ._base import PlanPass
+
 
 def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.ndarray) -> None:
     """Set ``t.weights`` from its main codes ``[K, N]`` and scales and its R; drop the residual."""
@@ -24,11 +26,22 @@ def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.nda
     t.residual = None  # the float copy is no longer needed
 
 
-class QuantizeWeightsPass(ir.passes.InPlacePass):
+def require_residuals(p: PlanPass) -> None:
+    """Every target has its R and residual main weight (SalientReconstructionPass ran)."""
+    p.require_targets()
+    missing = [t.name for t in p.plan.targets if t.residual is None or t.r_codes is None]
+    p.precondition(not missing, f"{missing[0] if missing else ''} has no residual main weight; "
+                   "run SalientReconstructionPass first")
+
+
+class QuantizeWeightsPass(PlanPass):
     def __init__(self, plan: Plan, progress: bool = True):
-        super().__init__()
-        self.plan = plan
+        super().__init__(plan)
         self.progress = progress
+
+    def requires(self, model: ir.Model) -> None:
+        """R and the residual main weight of every target (SalientReconstructionPass)."""
+        require_residuals(self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config

@@ -32,6 +32,16 @@ def _absorb(graph: ir.Graph, x: ir.Value, kind: str) -> tuple[ir.Value, ir.Value
 
 
 class ReplaceMatMulPass(PlanPass):
+    def requires(self, model: ir.Model) -> None:
+        """Every target's weights quantized and packed (QuantizeWeightsPass or GPTQPass), its
+        node still a float MatMul."""
+        self.require_targets()
+        raw = [t.name for t in self.plan.targets if t.weights is None]
+        self.precondition(not raw, f"{raw[0] if raw else ''} is not quantized; run "
+                          "QuantizeWeightsPass or GPTQPass first")
+        done = [t.name for t in self.plan.targets if t.node.op_type != "MatMul"]
+        self.precondition(not done, f"{done[0] if done else ''} was already replaced")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         scheme = "int"

@@ -15,6 +15,15 @@ from ._base import PlanPass
 
 
 class SalientReconstructionPass(PlanPass):
+    def requires(self, model: ir.Model) -> None:
+        """Scales and order chosen (FoldFlatteningPass); if the method flattens, weights in
+        flattened, saliency-ordered form (PermuteWeightsPass)."""
+        self.require_flattening()
+        if self.plan.config.flattens:
+            raw = [t.name for t in self.plan.targets if t.w_hat is None]
+            self.precondition(not raw, f"{raw[0] if raw else ''} is not yet in flattened, "
+                              "saliency-ordered form; run PermuteWeightsPass first")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for t in self.plan.targets:

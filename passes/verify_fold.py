@@ -28,6 +28,14 @@ class VerifyFoldPass(ir.passes.InPlacePass):
         self.tolerance = tolerance
         self.result: compare.LogitDiff | None = None
 
+    def requires(self, model: ir.Model) -> None:
+        """The original model file to compare with and at least one check sequence."""
+        if not Path(self.original).is_file():
+            raise ir.passes.PreconditionError(f"VerifyFoldPass: the original model "
+                                              f"{self.original} is not a file")
+        if not self.sequences:
+            raise ir.passes.PreconditionError("VerifyFoldPass: no check sequences")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         ref = compare.cpu_session(self.original)
         with tempfile.TemporaryDirectory(prefix="serq-fold-") as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -16,12 +17,49 @@ DESCRIPTION = ("serq-onnx: quantize ONNX language models with SERQ (4-bit weight
                "activations) into SerqMatMul nodes that run in onnxruntime; evaluate them, build "
                "onnxruntime's own 4-bit baseline, and time the kernels.")
 
+JSON_HELP = ("print one JSON object on stdout instead of the text report; logs and progress "
+             "go to stderr; on failure the object is {\"error\": ..., \"exit_code\": ...} "
+             "(default: text)")
+JSON_PATH_HELP = ("write the results as JSON to PATH; with no PATH (or -) print them as one "
+                  "JSON object on stdout instead of the text, logs on stderr (default: none)")
+# Commands whose --json takes an optional file path (the others take none).
+_JSON_PATH_COMMANDS = ("eval", "bench")
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="quantize an ONNX causal LM with SERQ",
                        description="Convert an Optimum-exported causal LM: every decoder linear "
                        "layer becomes one SerqMatMul (4-bit weights, 4/8-bit activations).")
     p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _add_conversion_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what inspect prints for these settings and write nothing (the "
+                   "output folder is checked, not created; default: off)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(func=_convert)
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="what convert would do with a model, without converting",
+                       description="List the linear layers convert would quantize, where each "
+                       "flattening scale folds (and why not), whether attention fuses, sizes "
+                       "before and after, estimated conversion time and memory, and the passes "
+                       "the chosen method runs. Needs no calibration data and writes nothing.")
+    p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="also check this output folder as convert would (default: none)")
+    _add_conversion_options(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="with -o: accept a non-empty output folder written by serq-onnx "
+                   "(default: refuse)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(func=_inspect)
+
+
+def _add_conversion_options(p) -> None:
     p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"],
                    help="4-bit weights with 8- or 4-bit activations (default w4a8)")
     p.add_argument("--method", default="serq",
@@ -64,23 +102,60 @@ def _add_convert(sub) -> None:
                    "the same activation, share one node that quantizes it once)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the converted model with the float one")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_convert)
+
+
+def _conversion_kwargs(args) -> dict:
+    return dict(scheme=args.scheme, rank=args.rank, group_w=args.group_w, group_a=args.group_a,
+                method=args.method, calib=args.calib, calib_samples=args.calib_samples,
+                calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
+                weight_scale=args.weight_scale, smooth_alpha=args.alpha, lm_head=args.lm_head,
+                fuse_attention=args.fuse_attention, verify=not args.no_verify,
+                fuse=not args.no_fuse, overwrite=args.overwrite)
+
+
+def _log(args):
+    """Where messages go: stderr when stdout carries JSON, else stdout."""
+    if _json_stdout(args):
+        return lambda msg: print(msg, file=sys.stderr)
+    return print
+
+
+def _json_stdout(args) -> bool:
+    return getattr(args, "json", None) in (True, "-")
+
+
+def _emit(args, text: str, data: dict) -> None:
+    if _json_stdout(args):
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        print(text)
 
 
 def _convert(args) -> int:
+    if args.dry_run:
+        from .inspect import inspect_model
+
+        result = inspect_model(args.model, output=args.output, log=_log(args),
+                               **_conversion_kwargs(args))
+        _emit(args, f"dry run: nothing written to {args.output}\n{result.summary()}",
+              dict(result.to_json(), dry_run=True, output=str(args.output)))
+        return 0
+    from dataclasses import asdict
+
     from .converter import convert
 
-    report = convert(args.model, args.output, scheme=args.scheme, rank=args.rank,
-                     group_w=args.group_w, group_a=args.group_a, method=args.method,
-                     calib=args.calib, calib_samples=args.calib_samples,
-                     calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
-                     weight_scale=args.weight_scale, smooth_alpha=args.alpha,
-                     lm_head=args.lm_head, fuse_attention=args.fuse_attention,
-                     verify=not args.no_verify, fuse=not args.no_fuse,
-                     overwrite=args.overwrite, progress=not args.quiet)
-    print(report.summary())
+    report = convert(args.model, args.output, progress=not args.quiet, log=_log(args),
+                     **_conversion_kwargs(args))
+    _emit(args, report.summary(), asdict(report))
+    return 0
+
+
+def _inspect(args) -> int:
+    from .inspect import inspect_model
+
+    result = inspect_model(args.model, output=args.output, log=_log(args),
+                           **_conversion_kwargs(args))
+    _emit(args, result.summary(), result.to_json())
     return 0
 
 
@@ -98,20 +173,21 @@ def _add_eval(sub) -> None:
                    help="last-word passages, spread over the whole text (default 200; 0: skip)")
     p.add_argument("--last-word-context", type=int, default=256, metavar="TOKENS",
                    help="context tokens before each last word (default 256)")
-    p.add_argument("--json", type=Path, metavar="PATH",
-                   help="also write the results as JSON (default: none)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help=JSON_PATH_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (default: shown)")
     p.set_defaults(func=_eval)
 
 
 def _eval(args) -> int:
     from .evaluate import evaluate_model_dir
 
+    json_path = None if args.json in (None, "-") else Path(args.json)
     result = evaluate_model_dir(args.model_dir, args.text, ctx=args.ctx,
                                 max_tokens=args.max_tokens, last_word=args.last_word,
-                                last_word_context=args.last_word_context, json_path=args.json,
+                                last_word_context=args.last_word_context, json_path=json_path,
                                 progress=not args.quiet)
-    print(result)
+    _emit(args, str(result), result.to_dict())
     return 0
 
 
@@ -130,6 +206,7 @@ def _add_nbits(sub) -> None:
                    "activations (default: unset)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_nbits)
 
 
@@ -140,7 +217,9 @@ def _nbits(args) -> int:
                                  symmetric=not args.asymmetric,
                                  accuracy_level=args.accuracy_level, overwrite=args.overwrite,
                                  progress=not args.quiet)
-    print(f"wrote {out}")
+    config_file = Path(out).parent / "nbits_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    _emit(args, f"wrote {out}", {"output": str(out), "config": config})
     return 0
 
 
@@ -178,8 +257,10 @@ def _add_bench(sub) -> None:
                    "(default %(default)s)")
     p.add_argument("--seconds", type=float, default=0.5,
                    help="minimum timing per kernel and case (default 0.5)")
-    p.add_argument("--json", type=Path, metavar="PATH",
-                   help="also write every raw figure as JSON (default: none)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write every raw figure as JSON to PATH; with no PATH (or -) print "
+                   "them as one JSON object on stdout instead of the table, logs on stderr "
+                   "(default: none)")
     p.add_argument("--plot", type=Path, metavar="PATH.png",
                    help="also draw the speed-ups over float MatMul as a PNG (needs "
                    "matplotlib; default: none)")
@@ -208,9 +289,10 @@ def _bench(args) -> int:
         raise SerqError("--shape takes KxN, e.g. 576x1536")
     if any(k < 2 or n < 1 for k, n in shapes):
         raise SerqError("--shape needs K >= 2 and N >= 1")
+    json_path = None if args.json in (None, "-") else Path(args.json)
     bench.check_args(ms, threads=args.threads, rank=args.rank, group=args.group,
                      group_a=args.group_a, min_seconds=args.seconds, nodes=args.nodes,
-                     memory_mib=args.memory_mib, suite=args.suite, json_path=args.json,
+                     memory_mib=args.memory_mib, suite=args.suite, json_path=json_path,
                      plot_path=args.plot)
     if args.model:
         shapes += bench.shapes_of_model(args.model)
@@ -222,18 +304,21 @@ def _bench(args) -> int:
                         group_a=args.group_a, min_seconds=args.seconds, nodes=args.nodes,
                         memory_mib=args.memory_mib, progress=not args.quiet)
     machine = bench.machine_name()
-    if args.markdown:
+    settings = dict(shapes=[list(s) for s in shapes], ms=ms, rank=args.rank,
+                    group=args.group, group_a=args.group_a, nodes=args.nodes,
+                    memory_mib=args.memory_mib, seconds=args.seconds)
+    if _json_stdout(args):
+        print(json.dumps(bench.to_json(results, threads=args.threads, settings=settings),
+                         indent=1))
+    elif args.markdown:
         print(bench.format_markdown(results, machine=machine, threads=args.threads), end="")
     else:
         print(f"machine: {machine}")
         print(bench.threads_line(args.threads))
         print(bench.format_table(results))
-    if args.json:
-        settings = dict(shapes=[list(s) for s in shapes], ms=ms, rank=args.rank,
-                        group=args.group, group_a=args.group_a, nodes=args.nodes,
-                        memory_mib=args.memory_mib, seconds=args.seconds)
-        bench.write_json(args.json, results, threads=args.threads, settings=settings)
-        print(f"wrote {args.json}", file=sys.stderr)
+    if json_path is not None:
+        bench.write_json(json_path, results, threads=args.threads, settings=settings)
+        print(f"wrote {json_path}", file=sys.stderr)
     if args.plot:
         bench.write_plot(args.plot, results, title=f"{machine}; {bench.threads_line(args.threads)}")
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -243,14 +328,47 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="serq-onnx", description=DESCRIPTION)
+    parser = _Parser(prog="serq-onnx", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"serq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_inspect(sub)
     _add_eval(sub)
     _add_nbits(sub)
     _add_bench(sub)
     return parser
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for JSON on stdout, read before (or without) parsing it, so that
+    usage errors answer in JSON too."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for i, a in enumerate(argv):
+        if a == "--json":
+            if command not in _JSON_PATH_COMMANDS:
+                return True
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            return nxt is None or nxt == "-" or nxt.startswith("-")
+    return False
+
+
+_JSON_ERRORS = {"enabled": False}
+
+
+def _json_error(message: str, code: int) -> None:
+    if _JSON_ERRORS["enabled"]:
+        try:
+            print(json.dumps({"error": message, "exit_code": code}))
+        except OSError:  # stdout closed: the stderr line and the exit code remain
+            pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors also as a JSON object on stdout when ``--json`` asks for JSON."""
+
+    def error(self, message: str):
+        _json_error(f"{self.prog}: {message}", 2)
+        super().error(message)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -261,29 +379,39 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
+def _fail(kind: str, message: str, code: int) -> int:
+    """Report a failure: ``serq-onnx: kind: message`` on stderr, and with --json also as a
+    JSON object."""
+    print(f"serq-onnx: {kind}: {message}" if message else f"serq-onnx: {kind}", file=sys.stderr)
+    _json_error(message or kind, code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. With ``--json`` stdout carries exactly one JSON object: the result, or
+    ``{"error": message, "exit_code": code}`` (the message also on stderr); exit codes are
+    the same either way: 2 bad input or usage, 3 internal error, 130/143 interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _JSON_ERRORS["enabled"] = _wants_json(argv)
     args = build_parser().parse_args(argv)
+    _JSON_ERRORS["enabled"] = _json_stdout(args)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except SerqError as err:
-        print(f"serq-onnx: error: {err}", file=sys.stderr)
-        return 2
+        return _fail("error", str(err), 2)
     except _Terminated:
-        print("serq-onnx: terminated", file=sys.stderr)
-        return 143
+        return _fail("terminated", "", 143)
     except KeyboardInterrupt:
-        print("serq-onnx: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", "", 130)
     except Exception as err:  # a bug: one line by default, the traceback on request
         if os.environ.get("SERQ_DEBUG"):
             traceback.print_exc()
         first = str(err).splitlines()[0] if str(err) else ""
-        print(f"serq-onnx: internal error: {type(err).__name__}: {first} "
-              "(set SERQ_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        return 3
+        return _fail("internal error", f"{type(err).__name__}: {first} (set SERQ_DEBUG=1 for "
+                     "the traceback and please report it)", 3)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, output_dir, verify as checks
+from . import calibration, output_dir, pipeline, verify as checks
 from .errors import SerqError
 from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan
 
 CONFIG_FILE = "serq_config.json"
-# Largest relative RMS logit change the exact folds may cause: float32 rounding, or for FP16
-# models the rounding of the scaled gamma and weights to FP16 (3.3e-4 on the tiny test Llama).
-FOLD_TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+FOLD_TOLERANCE = pipeline.FOLD_TOLERANCE  # kept importable from here
 
 
 @dataclass
@@ -108,23 +106,14 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     against the original graph; where it is not recognised or the check fails the attention
     stays as exported, and the report says why.
     """
-    from serq_onnx import passes
-
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    model_path = Path(model)
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha, lm_head=lm_head)
-    for flag, v in (("--calib-samples", calib_samples), ("--calib-seqlen", calib_seqlen)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SerqError(f"{flag} must be a whole number >= 1, got {v!r}")
-    if not model_path.is_file():
-        raise SerqError(f"model file not found: {model_path}")
-    if calib is not None and calib_ids is None and not Path(calib).is_file():
-        raise SerqError(f"calibration text file not found: {calib}")
-    inputs = [model_path] + ([Path(calib)] if calib is not None and calib_ids is None else [])
-    out_dir = output_dir.check_output(output, inputs, overwrite)
+    options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
+    model_path, out_dir = check_inputs(model, output, calib, calib_samples, calib_seqlen,
+                                       overwrite, calib_ids is not None)
 
     ir_model = load_model(model_path)
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
@@ -133,74 +122,21 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ir_model, attention = _fuse_attention(ir_model, model_path, log) if fuse_attention else (
         ir_model, "as exported (--no-fuse-attention)")
     timings["attention"] = time.perf_counter() - t
-    plan = Plan(config)
-    if config.lm_head != "float":
-        passes.UntieLMHeadPass()(ir_model)
-    passes.FindTargetsPass(plan)(ir_model)
-    head_found = any(t.role == "lm_head" for t in plan.targets)
-    if config.lm_head == "int8" and not head_found:
-        raise SerqError(f"--lm-head {config.lm_head}: the model's logits do not come from a "
-                        "MatMul with a constant (or transposed constant) weight; use "
-                        "--lm-head float")
-    if config.lm_head == "auto":
-        if not head_found:
-            log("lm_head stays float: the logits do not come from a MatMul with a constant "
-                "weight")
-        config = replace(config, lm_head="int8" if head_found else "float")
-        plan.config = config
+    plan, ctx = find_targets(ir_model, model_path, config, options, log, progress)
+    config = plan.config
     ranks = _effective_ranks(plan, log)
 
-    if calib_ids is not None:
-        sequences, source = [np.asarray(s, np.int64) for s in calib_ids], "given token ids"
-        if not sequences or any(s.ndim != 1 or s.size == 0 for s in sequences):
-            raise SerqError("calib_ids must be a non-empty list of non-empty 1-D token id arrays")
-    elif calib is not None:
-        ids = calibration.tokenize_file(model_path.parent, calib,
-                                        max_tokens=calib_samples * calib_seqlen)
-        sequences = calibration.split_sequences(ids, calib_samples, calib_seqlen)
-        source = str(calib)
-    else:
-        sequences = calibration.random_sequences(_vocab_size(ir_model), min(calib_samples, 8),
-                                                 min(calib_seqlen, 512))
-        source = "random tokens (no --calib given: accuracy will suffer)"
-        log("warning: no --calib text given; calibrating on random tokens")
+    sequences, source = _calibration_sequences(ir_model, model_path, calib, calib_samples,
+                                               calib_seqlen, calib_ids, log)
     calib_tokens = int(sum(len(s) for s in sequences))
     check_seqs = [s[:128] for s in sequences[:2]]
-
-    t = time.perf_counter()
+    ctx.sequences, ctx.check_sequences = sequences, check_seqs
     if config.needs_calibration:
-        passes.CalibratePass(plan, sequences, progress=progress)(ir_model)
-    timings["calibration"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    passes.FoldFlatteningPass(plan)(ir_model)
-    passes.PermuteWeightsPass(plan)(ir_model)
-    fold_check = "skipped (no flattening)"
-    if config.flattens:
-        fp16 = any(t.weight.const_value.dtype == ir.DataType.FLOAT16 for t in plan.targets)
-        vf = passes.VerifyFoldPass(model_path, check_seqs,
-                                   tolerance=FOLD_TOLERANCE["float16" if fp16 else "float32"])
-        vf(ir_model)
-        fold_check = str(vf.result)
-    timings["folding"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    passes.SalientReconstructionPass(plan)(ir_model)
-    if config.weight_quant == "gptq":
-        tq = time.perf_counter()
-        passes.GPTQPass(plan, progress=progress)(ir_model)
-        timings["gptq"] = time.perf_counter() - tq
-    else:
-        passes.QuantizeWeightsPass(plan, progress=progress)(ir_model)
-    if config.method == "l2qer":
-        passes.LowRankFactorsPass(plan)(ir_model)
-    passes.ReplaceMatMulPass(plan)(ir_model)
-    if config.method == "l2qer":
-        passes.LowRankBranchPass(plan)(ir_model)
-    if fuse:
-        passes.FuseSiblingsPass(plan)(ir_model)
-    passes.CleanupPass()(ir_model)
-    timings["quantization"] = time.perf_counter() - t - timings.get("gptq", 0.0)
+        timings["calibration"] = 0.0  # listed first even when it fails fast
+    pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
+                 timings)
+    verify_fold = ctx.ran.get("verify_fold")
+    fold_check = str(verify_fold.result) if verify_fold else "skipped (no flattening)"
 
     op_check = "skipped (--no-verify)"
     if verify:
@@ -208,16 +144,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         op_check = str(checks.check_ops(ir_model, sequences[0][:checks.OP_CHECK_TOKENS]))
         timings["op check"] = time.perf_counter() - t
 
-    folds: dict[str, int] = {}
-    runtime: dict[str, int] = {}
-    for g in plan.groups:
-        for f in g.folded or ["run time"]:
-            folds[f] = folds.get(f, 0) + 1
-        if g.runtime_reason:
-            runtime[g.runtime_reason] = runtime.get(g.runtime_reason, 0) + 1
-    roles: dict[str, int] = {}
-    for tg in plan.targets:
-        roles[tg.role] = roles.get(tg.role, 0) + 1
+    folds, runtime, roles = plan_counts(plan)
 
     t = time.perf_counter()
     with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
@@ -243,22 +170,106 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     return report
 
 
-def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, str]:
-    """The model with fused attention and what was done, or the model as it was and why not."""
+def plan_counts(plan: Plan) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Groups per fold (``"run time"`` where nothing was folded), groups per reason for a
+    run-time transform, and layers per role: what the report counts."""
+    folds: dict[str, int] = {}
+    runtime: dict[str, int] = {}
+    for g in plan.groups:
+        for f in g.folded or ["run time"]:
+            folds[f] = folds.get(f, 0) + 1
+        if g.runtime_reason:
+            runtime[g.runtime_reason] = runtime.get(g.runtime_reason, 0) + 1
+    roles: dict[str, int] = {}
+    for tg in plan.targets:
+        roles[tg.role] = roles.get(tg.role, 0) + 1
+    return folds, runtime, roles
+
+
+def check_inputs(model, output, calib, calib_samples: int, calib_seqlen: int,
+                 overwrite: bool, have_ids: bool = False) -> tuple[Path, Path | None]:
+    """The model path and the resolved output folder (None without ``output``), after refusing
+    bad files and counts."""
+    model_path = Path(model)
+    for flag, v in (("--calib-samples", calib_samples), ("--calib-seqlen", calib_seqlen)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SerqError(f"{flag} must be a whole number >= 1, got {v!r}")
+    if not model_path.is_file():
+        raise SerqError(f"model file not found: {model_path}")
+    if calib is not None and not have_ids and not Path(calib).is_file():
+        raise SerqError(f"calibration text file not found: {calib}")
+    inputs = [model_path] + ([Path(calib)] if calib is not None and not have_ids else [])
+    if output is None:
+        return model_path, None
+    return model_path, output_dir.check_output(output, inputs, overwrite)
+
+
+def find_targets(ir_model: ir.Model, model_path: Path, config: ConvertConfig,
+                 options: pipeline.Options, log=print, progress: bool = True
+                 ) -> tuple[Plan, pipeline.Context]:
+    """Run the structural passes (untie the head, find targets) and settle ``--lm-head auto``;
+    the returned plan's config is the one the rest of the pipeline runs with."""
+    plan = Plan(config)
+    ctx = pipeline.Context(plan=plan, model_path=model_path, progress=progress)
+    structure = [s for s in pipeline.steps_for(config, options, phase=pipeline.STRUCTURE)
+                 if s.make is not None]  # attention fusion is run by the caller
+    pipeline.run(structure, ir_model, ctx)
+    head_found = any(t.role == "lm_head" for t in plan.targets)
+    if config.lm_head == "int8" and not head_found:
+        raise SerqError(f"--lm-head {config.lm_head}: the model's logits do not come from a "
+                        "MatMul with a constant (or transposed constant) weight; use "
+                        "--lm-head float")
+    if config.lm_head == "auto":
+        if not head_found:
+            log("lm_head stays float: the logits do not come from a MatMul with a constant "
+                "weight")
+        plan.config = replace(config, lm_head="int8" if head_found else "float")
+    return plan, ctx
+
+
+def _calibration_sequences(ir_model: ir.Model, model_path: Path, calib, calib_samples: int,
+                           calib_seqlen: int, calib_ids, log) -> tuple[list[np.ndarray], str]:
+    if calib_ids is not None:
+        sequences = [np.asarray(s, np.int64) for s in calib_ids]
+        if not sequences or any(s.ndim != 1 or s.size == 0 for s in sequences):
+            raise SerqError("calib_ids must be a non-empty list of non-empty 1-D token id arrays")
+        return sequences, "given token ids"
+    if calib is not None:
+        ids = calibration.tokenize_file(model_path.parent, calib,
+                                        max_tokens=calib_samples * calib_seqlen)
+        return calibration.split_sequences(ids, calib_samples, calib_seqlen), str(calib)
+    log("warning: no --calib text given; calibrating on random tokens")
+    return (calibration.random_sequences(_vocab_size(ir_model), min(calib_samples, 8),
+                                         min(calib_seqlen, 512)),
+            "random tokens (no --calib given: accuracy will suffer)")
+
+
+def fuse_attention_structure(model: ir.Model, model_path: Path):
+    """Fuse attention in ``model`` without checking it: the pass (None where nothing was
+    fused), the node count before, and why not, where not."""
     from serq_onnx import passes
 
     cfg_path = model_path.parent / "config.json"
     try:
         rotary = passes.RotaryParams.from_config(json.loads(cfg_path.read_text()))
     except FileNotFoundError:
-        return model, f"as exported ({cfg_path.name} not found beside the model)"
+        return None, 0, f"{cfg_path.name} not found beside the model"
     except (ValueError, KeyError, TypeError) as err:
-        return model, f"as exported (RoPE of {cfg_path.name}: {err} is not supported)"
+        return None, 0, f"RoPE of {cfg_path.name}: {err} is not supported"
     nodes_before = sum(1 for _ in model.graph)
     fuse = passes.FuseAttentionPass(rotary)
     if not fuse(model).modified:
-        log(f"attention stays as exported: {fuse.reason}")
-        return model, f"as exported ({fuse.reason})"
+        return None, nodes_before, fuse.reason
+    return fuse, nodes_before, ""
+
+
+def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, str]:
+    """The model with fused attention and what was done, or the model as it was and why not."""
+    fuse, nodes_before, why_not = fuse_attention_structure(model, model_path)
+    if fuse is None:
+        if nodes_before:  # the pass ran and recognised nothing
+            log(f"attention stays as exported: {why_not}")
+        return model, f"as exported ({why_not})"
     dtype = "float16" if fuse.dtype == ir.DataType.FLOAT16 else "float32"
     try:
         check = checks.check_attention_fusion(model_path, model, _vocab_size(model), dtype)
