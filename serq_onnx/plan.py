@@ -159,7 +159,7 @@ class Target:
 class InputGroup:
     """Targets that read the same activation, hence share one ``s``, one ``pi``.
 
-    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``SiLU(gate) * up``),
+    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``act(gate) * up``, act elementwise),
     ``attn_out`` (attention output before o_proj).
     """
 
@@ -169,6 +169,11 @@ class InputGroup:
     gamma_index: int | None = None  # norm: which input of the producer is gamma
     gate: Target | None = None  # mlp_act: the gate and up projections feeding it
     up: Target | None = None
+    # mlp_act: the columns of gate's / up's output that are the gate / up (a fused gate_up
+    # projection cut by Slice); None: all of them.
+    gate_cols: tuple[int, int] | None = None
+    up_cols: tuple[int, int] | None = None
+    mlp_nodes: list = field(default_factory=list)  # mlp_act: the ops between them and the product
     absmax: np.ndarray | None = None
     absmean: np.ndarray | None = None  # per-channel mean |x| (calibrated for l2qer only)
     gram: np.ndarray | None = None  # float64 [K, K]: sum over calibration tokens of x^T x
