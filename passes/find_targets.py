@@ -256,6 +256,66 @@ def gated_mlp(product: ir.Node, K: int, outputs_of: dict) -> dict | None:
     return None
 
 
+# Ops that are linear layers already quantized, or linears in a form FindTargets does not take.
+_OTHER_LINEARS = {"MatMulNBits": "already 4-bit: convert the float export",
+                  "MatMulInteger": "already quantized: convert the float export",
+                  "QLinearMatMul": "already quantized: convert the float export",
+                  "SerqMatMul": "already converted", "Gemm": "not supported: export with MatMul",
+                  "FusedMatMul": "not supported: convert before onnxruntime's optimizer"}
+
+
+def selects(pattern: str | None, target: Target) -> bool:
+    """Whether ``--layers`` ``pattern`` (a regular expression searched in the target's label,
+    e.g. ``layers.3.mlp.down_proj``, and in its node's name) takes this decoder linear; None
+    takes every one."""
+    if pattern is None:
+        return True
+    rx = re.compile(pattern)
+    return bool(rx.search(target.name) or rx.search(target.node.name or ""))
+
+
+def describe_unrecognised(graph: ir.Graph) -> str:
+    """What in ``graph`` looks like a linear layer but is not one FindTargets takes, by kind."""
+    seen: dict[str, int] = {}
+    for node in graph:
+        what = None
+        if node.op_type in _OTHER_LINEARS:
+            what = f"{node.op_type} ({_OTHER_LINEARS[node.op_type]})"
+        elif node.op_type == "MatMul" and not _is_weight(node.inputs[1]):
+            w = node.inputs[1]
+            c = w.const_value if w is not None else None
+            p = w.producer() if w is not None else None
+            if c is not None:
+                what = f"MatMul with a {len(c.shape)}-D {c.dtype.name} constant weight"
+            elif p is not None and p.op_type == "DequantizeLinear":
+                what = "MatMul with a DequantizeLinear weight (already quantized)"
+            elif (p is not None and p.op_type in ("Transpose", "Cast")
+                  and constant_of(p.inputs[0]) is not None):
+                what = f"MatMul whose weight is a {p.op_type} of an initializer"
+        if what:
+            seen[what] = seen.get(what, 0) + 1
+    return "; ".join(f"{n} x {w}" for w, n in sorted(seen.items(), key=lambda kv: -kv[1]))
+
+
+def check_found(graph: ir.Graph, by_input: dict, plan) -> None:
+    """Raise a SerqError naming what was not recognised when no decoder linear was taken."""
+    decoder = [t for ts in by_input.values() for t in ts if t.role != "lm_head"]
+    if decoder:
+        return
+    pattern = plan.config.layers
+    if pattern is not None and plan.left_float:
+        names = plan.left_float
+        raise SerqError(f"--layers {pattern!r} matches none of the {len(names)} linear layers "
+                        f"(labels: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); "
+                        "give a regular expression that matches some of them")
+    seen = describe_unrecognised(graph)
+    what = ("no linear layers found" if not by_input else
+            "no decoder linear layers found (only the LM head)")
+    raise SerqError(f"{what}: the model has no MatMul with a 2-D float weight initializer "
+                    f"feeding the decoder" + (f"; not recognised: {seen}" if seen else "")
+                    + " (is it an Optimum export of a decoder LM?)")
+
+
 class FindTargetsPass(PlanPass):
     """Fill ``plan.groups``; raise a clear error if the graph has nothing to convert."""
 
@@ -263,6 +323,7 @@ class FindTargetsPass(PlanPass):
         graph = model.graph
         outputs = set(graph.outputs)
         by_input: dict[ir.Value, list[Target]] = {}
+        unselected: dict[ir.Value, Target] = {}
         for i, node in enumerate(graph):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue
@@ -282,11 +343,14 @@ class FindTargetsPass(PlanPass):
             if head:  # the LM head: its own bits, no salient correction
                 target.name, target.role = "lm_head", "lm_head"
                 target.bits, target.rank_cap = LM_HEAD_BITS[self.plan.config.lm_head], 0
+            elif not selects(self.plan.config.layers, target):
+                self.plan.left_float.append(target.name)
+                unselected[node.outputs[0]] = target  # stays float; its weight may take a fold
+                continue
             by_input.setdefault(node.inputs[0], []).append(target)
-        if not by_input:
-            raise SerqError("no linear layers found: the model has no MatMul with a 2-D float "
-                            "weight initializer (is it an Optimum export of a decoder LM?)")
+        check_found(graph, by_input, self.plan)
         outputs_of = {t.node.outputs[0]: t for ts in by_input.values() for t in ts}
+        outputs_of.update(unselected)
         groups = []
         for value, targets in by_input.items():
             groups.append(self._group(value, targets, outputs_of))
