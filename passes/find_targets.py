@@ -143,7 +143,15 @@ def _static_ints(value: ir.Value | None, last_dims: dict, depth: int = 0):
     return None
 
 
-def _column_range(node: ir.Node, N: int, last_dims: dict, out: ir.Value):
+def _is_last_axis(axis: int, value: ir.Value) -> bool:
+    """Whether ``axis`` is the last of ``value``: -1, or rank - 1 with the rank from its shape,
+    else 3 (a decoder's activations are ``[batch, seq, features]``; the fold and attention
+    checks would catch anything else)."""
+    rank = len(value.shape) if value.shape is not None else 3
+    return axis in (-1, rank - 1)
+
+
+def column_range(node: ir.Node, N: int, last_dims: dict, out: ir.Value):
     """``(start, end)``: the columns of a ``[.., N]`` value that ``Slice``/``Split`` ``node``
     cuts on the last axis into ``out``; None when not static or not on the last axis."""
     if node.domain not in ("", "ai.onnx"):
@@ -153,14 +161,16 @@ def _column_range(node: ir.Node, N: int, last_dims: dict, out: ir.Value):
         steps = _static_ints(node.inputs[4], last_dims) if len(node.inputs) > 4 else np.ones(1)
         if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)):
             return None
-        if int(axes.reshape(-1)[0]) != -1 or int(steps.reshape(-1)[0]) != 1:
+        if not _is_last_axis(int(axes.reshape(-1)[0]), node.inputs[0]):
+            return None
+        if int(steps.reshape(-1)[0]) != 1:
             return None
         lo, hi = (int(v.reshape(-1)[0]) for v in (starts, ends))
         lo, hi = (min(max(v + N if v < 0 else v, 0), N) for v in (lo, hi))
         return (lo, hi) if hi > lo else None
     if node.op_type == "Split":
         axis = node.attributes["axis"].value if "axis" in node.attributes else 0
-        if axis != -1:
+        if not _is_last_axis(axis, node.inputs[0]):
             return None
         k = list(node.outputs).index(out)
         split = _static_ints(node.inputs[1], last_dims) if len(node.inputs) > 1 else None
@@ -191,7 +201,7 @@ def _linear_part(value: ir.Value | None, outputs_of: dict, K: int):
     if p is None or p.op_type not in ("Slice", "Split") or p.inputs[0] not in outputs_of:
         return None
     t = outputs_of[p.inputs[0]]
-    cols = _column_range(p, t.N, {p.inputs[0]: t.N}, value)
+    cols = column_range(p, t.N, {p.inputs[0]: t.N}, value)
     return (t, cols, p) if cols is not None and cols[1] - cols[0] == K else None
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from .find_targets import constant_of
+from .find_targets import column_range, constant_of
 
 _STD = ("", "ai.onnx")
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -92,10 +92,13 @@ class LayerAttention:
 
 
 def _is_projection(value: ir.Value) -> bool:
-    """``value`` is a MatMul with a constant weight, or that plus a constant bias."""
+    """``value`` is a MatMul with a constant weight, or that plus a constant bias, or a
+    ``Slice`` of those (a fused qkv projection: Phi-3's ``qkv_proj``)."""
     p = value.producer()
     if p is None or p.domain not in _STD:
         return False
+    if p.op_type == "Slice":
+        return _is_projection(p.inputs[0])
     if p.op_type == "Add":
         return any(constant_of(x) is not None for x in p.inputs) and any(
             x.producer() is not None and _is_projection(x) for x in p.inputs)
@@ -121,6 +124,19 @@ def _head_reshapes(start: ir.Value, limit: int = 400) -> list[ir.Value]:
             continue
         stack.extend(x for x in node.inputs if x is not None)
     return found
+
+
+def _projection_width(value: ir.Value) -> int | None:
+    """Columns of a projection (:func:`_is_projection`); a Slice's when they are static."""
+    p = value.producer()
+    if p.op_type == "Slice":
+        n = _projection_width(p.inputs[0])
+        cols = None if n is None else column_range(p, n, {p.inputs[0]: n}, value)
+        return None if cols is None else cols[1] - cols[0]
+    if p.op_type != "MatMul":  # bias Add: the input that is a MatMul projection
+        p = next(x.producer() for x in p.inputs
+                 if x.producer() is not None and x.producer().op_type == "MatMul")
+    return int(constant_of(p.inputs[1]).const_value.shape[1])
 
 
 def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
@@ -233,11 +249,10 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         heads = []
         for layer in layers:
-            w = layer.q.producer()
-            if w.op_type != "MatMul":  # bias Add: the input that is a MatMul projection
-                w = next(x.producer() for x in w.inputs
-                         if x.producer() is not None and x.producer().op_type == "MatMul")
-            width = int(constant_of(w.inputs[1]).const_value.shape[1])
+            width = _projection_width(layer.q)
+            if width is None:
+                self.reason = f"layer {layer.index}: the query's columns of qkv are not static"
+                return ir.passes.PassResult(model, modified=False)
             if width % head_dim:
                 self.reason = f"layer {layer.index}: query width {width} is not a multiple of {head_dim}"
                 return ir.passes.PassResult(model, modified=False)
