@@ -26,9 +26,8 @@ ROLES = {
 }
 # What onnxruntime's GroupQueryAttention computes like the export (passes/fuse_attention.py);
 # the others keep the exported attention and the report says why.
-FUSED_ATTENTION = {"llama", "qwen2", "phi3"}
-NOT_FUSED_BECAUSE = {"mistral": "sliding-window", "gemma2": "sliding-window",
-                     "qwen3": "were not found"}
+FUSED_ATTENTION = {"llama", "qwen2", "qwen3", "phi3"}
+NOT_FUSED_BECAUSE = {"mistral": "sliding-window", "gemma2": "sliding-window"}
 # RMSNorms whose output only linears read, so s folds into gamma: 2 per block (before attention
 # and before the MLP) and the final norm before an int8 head. Gemma2's post-attention and
 # post-MLP norms feed the residual add, and its head is float.
