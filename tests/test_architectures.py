@@ -132,3 +132,13 @@ def test_layers_pattern_from_the_cli(tiny_arch, tmp_path, capsys):
     assert cli_main(["convert", str(m.onnx_path), "-o", str(out), "--layers", "(",
                      "--no-verify", "-q"]) == 2
     assert "not a regular expression" in capsys.readouterr().err
+
+
+def test_unknown_tiny_architecture_is_a_clear_error(tmp_path):
+    from serq_onnx import SerqError
+    from serq_onnx.export import make_tiny_model
+
+    with pytest.raises(SerqError, match="unknown tiny architecture 'gpt2'; choose one of llama, "
+                       "mistral, qwen2, qwen3, phi3, gemma2"):
+        make_tiny_model(tmp_path / "hf", "gpt2")
+    assert not (tmp_path / "hf").exists()
