@@ -244,7 +244,8 @@ def gated_mlp(product: ir.Node, K: int, outputs_of: dict) -> dict | None:
     ``Split``. Dividing up's columns by ``s`` and permuting gate's and up's the same way is then
     exact: the product is elementwise in the channels.
     """
-    if product.op_type != "Mul" or product.domain not in ("", "ai.onnx") or len(product.inputs) != 2:
+    if (product.op_type != "Mul" or product.domain not in ("", "ai.onnx")
+            or len(product.inputs) != 2):
         return None
     a, b = product.inputs
     for x, y in ((a, b), (b, a)):

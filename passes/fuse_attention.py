@@ -11,11 +11,11 @@ The pass finds each layer by structure, not by names: the graph output ``present
 axis; walking back from the new value and key, and from the attention MatMul that reads the
 value, leads to the three projections (a ``Reshape`` of a MatMul with a constant weight, of
 its bias ``Add``, or of a ``Slice`` of a fused qkv projection; a per-head RMSNorm after the
-Reshape, as Qwen3 has, stays and is flattened back for the kernel), and forward to the ``Transpose``/``Reshape`` that feeds the output
-projection. The query and key projections then pass through ``RotaryEmbedding`` (the graph's own
-``position_ids``) into one ``GroupQueryAttention`` node per layer, whose output feeds the output
-projection and whose present key/value become the graph's ``present`` outputs; the old nodes
-fall away as dead code. Padded keys are masked with an attention bias built from
+Reshape, as Qwen3 has, stays and is flattened back for the kernel), and forward to the
+``Transpose``/``Reshape`` that feeds the output projection. The query and key projections then
+pass through ``RotaryEmbedding`` (the graph's own ``position_ids``) into one
+``GroupQueryAttention`` node per layer, whose output feeds the output projection and whose
+present key/value become the graph's ``present`` outputs; the old nodes fall away as dead code. Padded keys are masked with an attention bias built from
 ``attention_mask``, as transformers masks them, so left-padded batches stay exact.
 
 The rotary caches come from the model's ``config.json`` (``rope_theta``, head size,

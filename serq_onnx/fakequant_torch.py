@@ -660,7 +660,8 @@ def apply_serq_fakequant(
     weight_scale: Optional[str] = None,
     lm_head: str = "float",
 ) -> nn.Module:
-    """Replace the linears of every decoder layer (those under ``self_attn`` and ``mlp``) by :class:`SerqFakeQuantLinear`, in place.
+    """Replace the linears of every decoder layer (those under ``self_attn`` and ``mlp``) by
+    :class:`SerqFakeQuantLinear`, in place.
 
     ``method``: ``"serq"`` (flattening, permutation, salient ``R`` of ``rank`` rows),
     ``"flatten"`` (the same without ``R``) or ``"rtn"`` (plain round to nearest: no flattening,

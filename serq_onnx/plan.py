@@ -169,8 +169,8 @@ class Target:
 class InputGroup:
     """Targets that read the same activation, hence share one ``s``, one ``pi``.
 
-    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``act(gate) * up``, act elementwise),
-    ``attn_out`` (attention output before o_proj).
+    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``act(gate) * up``,
+    act elementwise), ``attn_out`` (attention output before o_proj).
     """
 
     value: ir.Value
