@@ -15,8 +15,9 @@ Reshape, as Qwen3 has, stays and is flattened back for the kernel), and forward 
 ``Transpose``/``Reshape`` that feeds the output projection. The query and key projections then
 pass through ``RotaryEmbedding`` (the graph's own ``position_ids``) into one
 ``GroupQueryAttention`` node per layer, whose output feeds the output projection and whose
-present key/value become the graph's ``present`` outputs; the old nodes fall away as dead code. Padded keys are masked with an attention bias built from
-``attention_mask``, as transformers masks them, so left-padded batches stay exact.
+present key/value become the graph's ``present`` outputs; the old nodes fall away as dead code.
+Padded keys are masked with an attention bias built from ``attention_mask``, as transformers
+masks them, so left-padded batches stay exact.
 
 The rotary caches come from the model's ``config.json`` (``rope_theta``, head size,
 ``max_position_embeddings``; only unscaled RoPE). Callers check the fused graph numerically
