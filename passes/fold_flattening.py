@@ -117,14 +117,11 @@ class FoldFlatteningPass(PlanPass):
                 group.runtime_reason = ("permutation: the norm's input is the residual stream, "
                                         "shared with the rest of the model")
         elif group.kind == "mlp_act" and self._mlp_foldable(group):
-            up_w = initializer_array(group.up.weight) * inv[None, :]
-            set_initializer(graph, group.up.weight, up_w[:, group.perm])
-            gate_w = initializer_array(group.gate.weight)
-            set_initializer(graph, group.gate.weight, gate_w[:, group.perm])
+            fold_into_gate_up(graph, group, inv)
             static_scale = static_perm = True
             group.folded += ["scale->up", "perm->gate,up"]
         elif group.kind == "mlp_act":
-            group.runtime_reason = ("SiLU(gate) * up: the gate or up output or weight is also "
+            group.runtime_reason = ("act(gate) * up: the gate or up output or weight is also "
                                     "used elsewhere")
         if static_perm and static_scale:
             return
@@ -158,10 +155,39 @@ class FoldFlatteningPass(PlanPass):
 
     @staticmethod
     def _mlp_foldable(group: InputGroup) -> bool:
+        """Whether nothing but ``act(gate) * up`` reads the gate and up outputs and weights."""
         product = group.value.producer()
-        up_out, gate_out = group.up.node.outputs[0], group.gate.node.outputs[0]
-        silu_nodes = {u.node for u in gate_out.uses()}
-        return (_only_used_by(up_out, {product})
-                and len(group.up.weight.uses()) == 1 and len(group.gate.weight.uses()) == 1
-                and all(n.op_type in ("Sigmoid", "Mul") for n in silu_nodes)
-                and all(_only_used_by(n.outputs[0], {product} | silu_nodes) for n in silu_nodes))
+        inner = set(group.mlp_nodes) | {product}
+        values = [group.up.node.outputs[0], group.gate.node.outputs[0]]
+        values += [o for n in group.mlp_nodes for o in n.outputs]
+        weights = {group.up.weight, group.gate.weight}
+        return (all(_only_used_by(v, inner) for v in values)
+                and all(len(w.uses()) == 1 for w in weights))
+
+
+def fold_into_gate_up(graph: ir.Graph, group: InputGroup, inv: np.ndarray) -> None:
+    """Divide up's columns by ``s`` and permute gate's and up's by ``perm``.
+
+    With a fused gate_up projection (``gate_cols`` / ``up_cols`` set) only those column ranges
+    of its one weight change, each permuted within itself: the Slices still cut the same ranges,
+    so ``act(gate) * up`` comes out scaled and permuted as down's input must be.
+    """
+    def cols(w: np.ndarray, rng: tuple[int, int] | None) -> slice:
+        return slice(0, w.shape[1]) if rng is None else slice(*rng)
+
+    if group.up is group.gate:
+        w = initializer_array(group.up.weight).copy()
+        g, u = cols(w, group.gate_cols), cols(w, group.up_cols)
+        w[:, u] = (w[:, u] * inv[None, :])[:, group.perm]
+        w[:, g] = w[:, g][:, group.perm]
+        set_initializer(graph, group.up.weight, w)
+        return
+    up_w = initializer_array(group.up.weight)
+    u = cols(up_w, group.up_cols)
+    up_w = up_w.copy()
+    up_w[:, u] = (up_w[:, u] * inv[None, :])[:, group.perm]
+    set_initializer(graph, group.up.weight, up_w)
+    gate_w = initializer_array(group.gate.weight).copy()
+    g = cols(gate_w, group.gate_cols)
+    gate_w[:, g] = gate_w[:, g][:, group.perm]
+    set_initializer(graph, group.gate.weight, gate_w)

@@ -9,13 +9,15 @@ KV heads), and its transformer optimizer does not produce it from these graphs.
 The pass finds each layer by structure, not by names: the graph output ``present.N.key`` (and
 ``.value``) is a ``Concat`` of ``past_key_values.N.key`` with the new key along the sequence
 axis; walking back from the new value and key, and from the attention MatMul that reads the
-value, leads to the three projections (a ``Reshape`` of a MatMul with a constant weight, or of
-its bias ``Add``), and forward to the ``Transpose``/``Reshape`` that feeds the output
-projection. The query and key projections then pass through ``RotaryEmbedding`` (the graph's own
-``position_ids``) into one ``GroupQueryAttention`` node per layer, whose output feeds the output
-projection and whose present key/value become the graph's ``present`` outputs; the old nodes
-fall away as dead code. Padded keys are masked with an attention bias built from
-``attention_mask``, as transformers masks them, so left-padded batches stay exact.
+value, leads to the three projections (a ``Reshape`` of a MatMul with a constant weight, of
+its bias ``Add``, or of a ``Slice`` of a fused qkv projection; a per-head RMSNorm after the
+Reshape, as Qwen3 has, stays and is flattened back for the kernel), and forward to the
+``Transpose``/``Reshape`` that feeds the output projection. The query and key projections then
+pass through ``RotaryEmbedding`` (the graph's own ``position_ids``) into one
+``GroupQueryAttention`` node per layer, whose output feeds the output projection and whose
+present key/value become the graph's ``present`` outputs; the old nodes fall away as dead code.
+Padded keys are masked with an attention bias built from ``attention_mask``, as transformers
+masks them, so left-padded batches stay exact.
 
 The rotary caches come from the model's ``config.json`` (``rope_theta``, head size,
 ``max_position_embeddings``; only unscaled RoPE). Callers check the fused graph numerically
@@ -31,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from .find_targets import constant_of
+from .find_targets import column_range, constant_of
 
 _STD = ("", "ai.onnx")
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -96,10 +98,13 @@ class LayerAttention:
 
 
 def _is_projection(value: ir.Value) -> bool:
-    """``value`` is a MatMul with a constant weight, or that plus a constant bias."""
+    """``value`` is a MatMul with a constant weight, or that plus a constant bias, or a
+    ``Slice`` of those (a fused qkv projection: Phi-3's ``qkv_proj``)."""
     p = value.producer()
     if p is None or p.domain not in _STD:
         return False
+    if p.op_type == "Slice":
+        return _is_projection(p.inputs[0])
     if p.op_type == "Add":
         return any(constant_of(x) is not None for x in p.inputs) and any(
             x.producer() is not None and _is_projection(x) for x in p.inputs)
@@ -123,8 +128,60 @@ def _head_reshapes(start: ir.Value, limit: int = 400) -> list[ir.Value]:
                 continue
         if node.op_type == "MatMul" and constant_of(node.inputs[1]) is not None:
             continue
+        if node.op_type == "Transpose" and _normed_heads(node.inputs[0]) is not None:
+            if node.inputs[0] not in found:
+                found.append(node.inputs[0])
+            continue
         stack.extend(x for x in node.inputs if x is not None)
     return found
+
+
+# What a per-head RMSNorm (Qwen3's q_norm / k_norm) is exported as, between the head Reshape
+# and the Transpose.
+_HEAD_NORM_OPS = {"Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Reciprocal",
+                  "SimplifiedLayerNormalization", "RMSNormalization"}
+
+
+def _normed_heads(value: ir.Value, limit: int = 32) -> ir.Node | None:
+    """The head ``Reshape`` of a projection that ``value`` normalises per head (``[batch, seq,
+    heads, head_dim]``, before the Transpose; Qwen3's q/k norms), or None. Which axis the norm
+    reduces is left to the numerical check of the fused graph."""
+    reshape, stack, seen = None, [value], set()
+    while stack:
+        v = stack.pop()
+        if v is None or v in seen or constant_of(v) is not None:
+            continue
+        seen.add(v)
+        p = v.producer()
+        if p is None or len(seen) > limit or p.domain not in _STD:
+            return None
+        if p.op_type == "Constant":
+            continue
+        if p.op_type == "Reshape" and _is_projection(p.inputs[0]):
+            if reshape not in (None, p):
+                return None
+            reshape = p
+            continue
+        if p.op_type not in _HEAD_NORM_OPS:
+            return None
+        stack.extend(p.inputs)
+    return reshape if reshape is not None and reshape.outputs[0] is not value else None
+
+
+def _projection_width(value: ir.Value) -> int | None:
+    """Columns of a projection (:func:`_is_projection`, or normalised per head); a Slice's
+    when they are static."""
+    if not _is_projection(value):
+        return _projection_width(_normed_heads(value).inputs[0])
+    p = value.producer()
+    if p.op_type == "Slice":
+        n = _projection_width(p.inputs[0])
+        cols = None if n is None else column_range(p, n, {p.inputs[0]: n}, value)
+        return None if cols is None else cols[1] - cols[0]
+    if p.op_type != "MatMul":  # bias Add: the input that is a MatMul projection
+        p = next(x.producer() for x in p.inputs
+                 if x.producer() is not None and x.producer().op_type == "MatMul")
+    return int(constant_of(p.inputs[1]).const_value.shape[1])
 
 
 def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
@@ -237,11 +294,10 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         heads = []
         for layer in layers:
-            w = layer.q.producer()
-            if w.op_type != "MatMul":  # bias Add: the input that is a MatMul projection
-                w = next(x.producer() for x in w.inputs
-                         if x.producer() is not None and x.producer().op_type == "MatMul")
-            width = int(constant_of(w.inputs[1]).const_value.shape[1])
+            width = _projection_width(layer.q)
+            if width is None:
+                self.reason = f"layer {layer.index}: the query's columns of qkv are not static"
+                return ir.passes.PassResult(model, modified=False)
             if width % head_dim:
                 self.reason = f"layer {layer.index}: query width {width} is not a multiple of {head_dim}"
                 return ir.passes.PassResult(model, modified=False)
@@ -255,11 +311,18 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         mask = next(v for v in graph.inputs if v.name == "attention_mask")
         positions = next(v for v in graph.inputs if v.name == "position_ids")
         seqlens, total, bias = _mask_inputs(graph, mask, positions, dtype)
+        flat_shape = ir.Value(name="serq.gqa.flat_heads", const_value=ir.tensor(
+            np.array([0, 0, -1], np.int64)))
+        graph.register_initializer(flat_shape)
 
         for layer, n_heads in zip(layers, heads):
             prefix = f"/model/layers.{layer.index}/self_attn"
             rotated = []
             for x, h, tag in ((layer.q, n_heads, "q"), (layer.k, kv_heads, "k")):
+                if not _is_projection(x):  # normalised per head: back to [batch, seq, hidden]
+                    flat = ir.node("Reshape", [x, flat_shape], name=f"{prefix}/{tag}_norm_flat")
+                    graph.append(flat)
+                    x = flat.outputs[0]
                 rot = ir.node("RotaryEmbedding", [x, positions, cos_v, sin_v],
                               attributes={"interleaved": 0, "num_heads": h},
                               domain="com.microsoft", name=f"{prefix}/RotaryEmbedding_{tag}")

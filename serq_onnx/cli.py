@@ -90,6 +90,11 @@ def _add_conversion_options(p) -> None:
                    "(+0.04%% perplexity on SmolLM2, a quarter of its bytes per token); float keeps "
                    "it float; default: auto, int8 where the head is a MatMul with a constant "
                    "weight, else float")
+    p.add_argument("--layers", default=None, metavar="PATTERN",
+                   help="convert only the decoder linears whose label (layers.3.mlp.down_proj, "
+                   "as in the report) or ONNX node name matches this regular expression "
+                   "(searched anywhere in it, e.g. 'mlp' or 'layers\\.[0-3]\\.'); the others stay "
+                   "float; the LM head follows --lm-head; default: every decoder linear")
     p.add_argument("--calib", type=Path,
                    help="UTF-8 text file for calibration (default: none, random tokens, with a "
                    "warning: accuracy suffers)")
@@ -109,8 +114,8 @@ def _conversion_kwargs(args) -> dict:
                 method=args.method, calib=args.calib, calib_samples=args.calib_samples,
                 calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
                 weight_scale=args.weight_scale, smooth_alpha=args.alpha, lm_head=args.lm_head,
-                fuse_attention=args.fuse_attention, verify=not args.no_verify,
-                fuse=not args.no_fuse, overwrite=args.overwrite)
+                fuse_attention=args.fuse_attention, layers=args.layers,
+                verify=not args.no_verify, fuse=not args.no_fuse, overwrite=args.overwrite)
 
 
 def _log(args):

@@ -41,6 +41,7 @@ class ConversionReport:
     ranks: dict = field(default_factory=dict)  # effective rank -> layers (clamped to K)
     runtime_transforms: dict = field(default_factory=dict)  # why not folded -> groups
     timings: dict = field(default_factory=dict)
+    layers_left_float: list = field(default_factory=list)  # not selected by --layers
 
     def summary(self) -> str:
         roles = ", ".join(f"{k} {v}" for k, v in sorted(self.layers_by_role.items()))
@@ -49,6 +50,8 @@ class ConversionReport:
             f"converted {self.layers_converted} linear layers to SerqMatMul ({roles}) in "
             f"{self.serq_nodes} nodes" + (" (layers reading the same activation share one)"
                                          if self.serq_nodes < self.layers_converted else ""),
+            *([f"left float by --layers: {len(self.layers_left_float)} linear layers"]
+              if self.layers_left_float else []),
             f"scheme {self.config['scheme']}, method {self.config['method']}, rank "
             f"{self.config['rank']}, groups w{self.config['group_w']}/a{self.config['group_a']}, "
             f"main weight {self.config.get('weight_quant', 'rtn')} with "
@@ -85,7 +88,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
             smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
-            log=print) -> ConversionReport:
+            layers: str | None = None, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -104,13 +107,16 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     float. The report records what was done. ``fuse_attention``: each layer's attention
     becomes onnxruntime's ``GroupQueryAttention`` (``passes.FuseAttentionPass``), checked
     against the original graph; where it is not recognised or the check fails the attention
-    stays as exported, and the report says why.
+    stays as exported, and the report says why. ``layers``: a regular expression; only the
+    decoder linears whose label (``layers.3.mlp.down_proj``, as in the report) or node name it
+    matches (``re.search``) are converted, the others stay float (``layers_left_float``); None
+    converts every one. The LM head follows ``lm_head`` alone.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
-                           smooth_alpha=smooth_alpha, lm_head=lm_head)
+                           smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, out_dir = check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                        overwrite, calib_ids is not None)
@@ -164,7 +170,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
             attention=attention,
             verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
-            timings=timings)
+            timings=timings, layers_left_float=plan.left_float)
         report.seconds = time.perf_counter() - t0
         (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -1,4 +1,4 @@
-"""Float32 ONNX exports of Hugging Face causal LMs, and a tiny random Llama for tests.
+"""Float32 ONNX exports of Hugging Face causal LMs, and tiny random models for tests.
 
 The converter takes Optimum exports as its input, so the project makes them the same way users
 do (Optimum's exporter, CPU, float32) instead of hand-writing graphs.
@@ -87,37 +87,78 @@ def _tiny_tokenizer() -> Any:
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
-    """Save a tiny random ``LlamaForCausalLM`` with a tokenizer into ``out_dir``; returns it.
+# Tiny configs per architecture, on top of the shared sizes in ``make_tiny_model``: the
+# ``transformers`` config class and what the architecture needs to be small and valid.
+TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    # Mistral-7B-v0.1's sliding window (4096, longer than any test sequence).
+    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+    # q/k/v projections with bias.
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    # RMSNorm on each head of q and k (q_norm, k_norm); head_dim is a free parameter.
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "use_sliding_window": False}),
+    # One fused qkv_proj and one fused gate_up_proj per layer.
+    "phi3": ("Phi3Config", {"sliding_window": None, "rope_scaling": None}),
+    # tanh-GELU MLP, (1 + gamma) norms before and after each block, sqrt(hidden)-scaled
+    # embeddings, tied head, logit softcapping, alternating sliding-window layers.
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                "hidden_activation": "gelu_pytorch_tanh",
+                                "sliding_window": 4096, "tie_word_embeddings": True}),
+}
 
-    Defaults: hidden 64, intermediate 160, 4 heads, 2 kv heads (GQA), 2 layers. ``overrides`` go
-    to ``LlamaConfig`` (e.g. ``hidden_size=96, intermediate_size=200`` for sizes that are not
-    multiples of the quantization groups). The weights depend only on ``seed``.
+
+def make_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int = 0,
+                    **overrides: Any) -> Path:
+    """Save a tiny random causal LM of architecture ``arch`` with a tokenizer into ``out_dir``;
+    returns it.
+
+    ``arch`` is a key of ``TINY_ARCHS`` (llama, mistral, qwen2, qwen3, phi3, gemma2): what the
+    converter must handle in each family (biases, q/k norms, fused projections, GELU MLPs) at
+    test sizes. Defaults: hidden 64, intermediate 160, 4 heads, 2 kv heads (GQA), 2 layers;
+    ``overrides`` go to the architecture's config (e.g. ``hidden_size=96,
+    intermediate_size=200`` for sizes that are not multiples of the quantization groups). The
+    weights depend only on ``seed`` and the config.
     """
+    if arch not in TINY_ARCHS:
+        raise SerqError(f"unknown tiny architecture {arch!r}; choose one of "
+                        f"{', '.join(TINY_ARCHS)}")
     try:
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
     except ImportError as e:
         raise SerqError(f"the tiny model needs torch and transformers ({e}); "
                         f"run `{_TORCH_PIP}`") from None
     tokenizer = _tiny_tokenizer()
+    config_class, arch_params = TINY_ARCHS[arch]
     params = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
                   num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                   max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    params.update(arch_params)
     params.update(overrides)
     heads, kv_heads = params["num_attention_heads"], params["num_key_value_heads"]
-    if params["hidden_size"] % heads or heads % kv_heads:
+    if ("head_dim" not in params and params["hidden_size"] % heads) or heads % kv_heads:
         raise SerqError(f"hidden_size {params['hidden_size']}, {heads} heads and {kv_heads} kv "
                         "heads do not divide evenly; pick sizes where they do")
     if params["vocab_size"] < len(tokenizer):
         raise SerqError(f"vocab_size {params['vocab_size']} is below the tiny tokenizer's "
                         f"{len(tokenizer)} tokens; leave vocab_size at its default")
-    config = LlamaConfig(**params)
+    config = getattr(transformers, config_class)(**params)
+    if (config.pad_token_id or 0) >= params["vocab_size"]:  # Phi-3's default: 32000
+        config.pad_token_id = tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
+    """Save a tiny random ``LlamaForCausalLM`` with a tokenizer into ``out_dir``; returns it.
+
+    ``make_tiny_model(out_dir, "llama", seed, **overrides)``: hidden 64, intermediate 160,
+    4 heads, 2 kv heads (GQA), 2 layers; ``overrides`` go to ``LlamaConfig``.
+    """
+    return make_tiny_model(out_dir, "llama", seed, **overrides)

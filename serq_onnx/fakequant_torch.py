@@ -42,7 +42,10 @@ __all__ = [
     "smoothquant_scales",
 ]
 
-# The linear layers of a decoder block that SERQ replaces (lm_head and embeddings stay float).
+# The linear layers of a Llama decoder block that SERQ replaces (lm_head and embeddings stay
+# float). Other families name or fuse them differently (Phi-3: ``self_attn.qkv_proj``,
+# ``mlp.gate_up_proj``): every ``nn.Linear`` under a block's ``self_attn`` and ``mlp`` is a
+# target, whatever its name.
 TARGETS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -52,14 +55,18 @@ TARGETS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+TARGET_PARENTS = ("self_attn", "mlp")
 
 METHODS = ("serq", "flatten", "rtn", "smoothquant", "l2qer")
 
-# Targets reading the same activation (one SmoothQuant scale per group).
+# Targets reading the same activation (one SmoothQuant scale per group); fused projections
+# are a group of their own.
 INPUT_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.qkv_proj",),
     ("self_attn.o_proj",),
     ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.gate_up_proj",),
     ("mlp.down_proj",),
 )
 LOWRANK_BITS = 8  # L2QER: bits of both low-rank factors and of the intermediate X A
@@ -492,15 +499,29 @@ def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
     return layers
 
 
+def _layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Name within the block (``self_attn.q_proj``) -> every ``nn.Linear`` under the block's
+    ``self_attn`` and ``mlp``, in module order."""
+    found: dict[str, nn.Linear] = {}
+    for parent in TARGET_PARENTS:
+        sub = getattr(layer, parent, None)
+        if sub is None:
+            raise ValueError(f"decoder layer {type(layer).__name__} has no .{parent}")
+        for name, mod in sub.named_modules():
+            if isinstance(mod, nn.Linear):
+                found[f"{parent}.{name}"] = mod
+    if not found:
+        raise ValueError(f"decoder layer {type(layer).__name__} has no nn.Linear under "
+                         f"{' or '.join(TARGET_PARENTS)}")
+    return found
+
+
 def _targets(model: nn.Module, lm_head: bool = False) -> dict[str, nn.Linear]:
     """Full module name -> target nn.Linear, in model order (the LM head last, if asked)."""
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, nn.Linear] = {}
     for layer in _decoder_layers(model):
-        for t in TARGETS:
-            mod = layer.get_submodule(t)
-            if not isinstance(mod, nn.Linear):
-                raise TypeError(f"{names[id(mod)]} is {type(mod).__name__}, not nn.Linear")
+        for mod in _layer_linears(layer).values():
             out[names[id(mod)]] = mod
     if lm_head:
         head = getattr(model, "lm_head", None)
@@ -639,7 +660,8 @@ def apply_serq_fakequant(
     weight_scale: Optional[str] = None,
     lm_head: str = "float",
 ) -> nn.Module:
-    """Replace the 7 linears of every decoder layer by :class:`SerqFakeQuantLinear`, in place.
+    """Replace the linears of every decoder layer (those under ``self_attn`` and ``mlp``) by
+    :class:`SerqFakeQuantLinear`, in place.
 
     ``method``: ``"serq"`` (flattening, permutation, salient ``R`` of ``rank`` rows),
     ``"flatten"`` (the same without ``R``) or ``"rtn"`` (plain round to nearest: no flattening,
@@ -701,8 +723,14 @@ def apply_serq_fakequant(
         name_of = {id(m): n for n, m in targets.items()}
         scales = {}
         for layer in _decoder_layers(model):
+            linears = _layer_linears(layer)
+            ungrouped = set(linears) - {m for g in INPUT_GROUPS for m in g}
+            if ungrouped:
+                raise ValueError(f"smoothquant: no input group for {sorted(ungrouped)}")
             for members in INPUT_GROUPS:
-                names = [name_of[id(layer.get_submodule(m))] for m in members]
+                if not all(m in linears for m in members):
+                    continue
+                names = [name_of[id(linears[m])] for m in members]
                 s = smoothquant_scales(absmax[names[0]], [targets[n].weight.T for n in names],
                                        smooth_alpha, scale_floor)
                 scales.update({n: s for n in names})

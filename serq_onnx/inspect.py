@@ -267,7 +267,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
                   weight_scale: str | None = None, fuse: bool = True, verify: bool = True,
                   smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
                   output: str | os.PathLike | None = None, overwrite: bool = False,
-                  log=print) -> Inspection:
+                  layers: str | None = None, log=print) -> Inspection:
     """What ``convert()`` with these arguments would do, without calibrating or writing.
 
     ``output``: also check the output folder as ``convert`` would (``convert --dry-run``).
@@ -275,7 +275,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     """
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
-                           smooth_alpha=smooth_alpha, lm_head=lm_head)
+                           smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, _ = converter.check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                            overwrite)
@@ -324,10 +324,11 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
 
     passes.FoldFlatteningPass(plan)(ir_model)
     folds, runtime, roles = converter.plan_counts(plan)
-    layers = [dict(name=t.name, role=t.role, layer=t.layer, K=t.K, N=t.N,
-                   bits_w=t.layer_bits(config)[0], bits_a=t.layer_bits(config)[1],
-                   rank=t.layer_rank(config), group_w=config.group_w, group_a=config.group_a)
-              for t in plan.targets]
+    layer_rows = [dict(name=t.name, role=t.role, layer=t.layer, K=t.K, N=t.N,
+                       bits_w=t.layer_bits(config)[0], bits_a=t.layer_bits(config)[1],
+                       rank=t.layer_rank(config), group_w=config.group_w,
+                       group_a=config.group_a)
+                  for t in plan.targets]
     groups = [dict(name=g.name, kind=g.kind, K=g.K, targets=[t.name for t in g.targets],
                    folded=list(g.folded), runtime_reason=g.runtime_reason)
               for g in plan.groups]
@@ -337,7 +338,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
             "desktop CPU applied to this model's FLOPs and weights; scale by your machine's "
             "speed")
     return Inspection(
-        model=str(model_path), config=asdict(config), layers=layers, groups=groups,
+        model=str(model_path), config=asdict(config), layers=layer_rows, groups=groups,
         folds=folds, runtime_transforms=runtime, layers_by_role=roles, ranks=ranks,
         attention=attention, calib_tokens=tokens, calib_source=source,
         bytes_before=bytes_before, bytes_after=size["total"], size_breakdown=size,

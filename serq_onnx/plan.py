@@ -6,6 +6,7 @@ plan carries what is not graph structure: calibration statistics and the quantiz
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,9 @@ class ConvertConfig:
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     smooth_alpha: float = 0.5  # SmoothQuant migration strength (method "smoothquant" only)
     lm_head: str = "auto"  # LM_HEADS
+    # Regular expression (re.search) over decoder linears' labels (layers.3.mlp.down_proj) and
+    # node names: only those are converted, the rest stay float. None: every one.
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -78,6 +82,12 @@ class ConvertConfig:
         if self.lm_head not in LM_HEADS:
             raise SerqError(f"unknown --lm-head {self.lm_head!r}; choose one of "
                             f"{', '.join(LM_HEADS)}")
+        if self.layers is not None:
+            try:
+                re.compile(self.layers)
+            except (re.error, TypeError) as err:
+                raise SerqError(f"--layers {self.layers!r} is not a regular expression ({err}); "
+                                r"e.g. 'mlp' or 'layers\.(0|1)\.'") from None
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
             raise SerqError(f"gptq_damp must be a number in (0, 1], got {damp!r}")
@@ -159,8 +169,8 @@ class Target:
 class InputGroup:
     """Targets that read the same activation, hence share one ``s``, one ``pi``.
 
-    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``SiLU(gate) * up``),
-    ``attn_out`` (attention output before o_proj).
+    kind: ``norm`` (output of an RMSNorm's ``Mul(gamma)``), ``mlp_act`` (``act(gate) * up``,
+    act elementwise), ``attn_out`` (attention output before o_proj).
     """
 
     value: ir.Value
@@ -169,6 +179,11 @@ class InputGroup:
     gamma_index: int | None = None  # norm: which input of the producer is gamma
     gate: Target | None = None  # mlp_act: the gate and up projections feeding it
     up: Target | None = None
+    # mlp_act: the columns of gate's / up's output that are the gate / up (a fused gate_up
+    # projection cut by Slice); None: all of them.
+    gate_cols: tuple[int, int] | None = None
+    up_cols: tuple[int, int] | None = None
+    mlp_nodes: list = field(default_factory=list)  # mlp_act: the ops between them and the product
     absmax: np.ndarray | None = None
     absmean: np.ndarray | None = None  # per-channel mean |x| (calibrated for l2qer only)
     gram: np.ndarray | None = None  # float64 [K, K]: sum over calibration tokens of x^T x
@@ -191,6 +206,7 @@ class InputGroup:
 class Plan:
     config: ConvertConfig
     groups: list[InputGroup] = field(default_factory=list)
+    left_float: list[str] = field(default_factory=list)  # linears --layers did not select
 
     @property
     def targets(self) -> list[Target]:

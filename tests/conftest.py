@@ -23,13 +23,13 @@ class TinyModel:
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, dtype: str = "fp32",
-           **overrides: Any) -> TinyModel:
+           arch: str = "llama", **overrides: Any) -> TinyModel:
     pytest.importorskip("torch")
     pytest.importorskip("optimum.exporters.onnx")
-    from serq_onnx.export import export_causal_lm, make_tiny_llama
+    from serq_onnx.export import export_causal_lm, make_tiny_model
 
     root = tmp_path_factory.mktemp(name)
-    hf_dir = make_tiny_llama(root / "hf", seed=0, **overrides)
+    hf_dir = make_tiny_model(root / "hf", arch, seed=0, **overrides)
     return TinyModel(hf_dir=hf_dir, onnx_path=export_causal_lm(hf_dir, root / "onnx", dtype=dtype))
 
 
@@ -50,3 +50,18 @@ def tiny_llama_odd(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 def tiny_llama_fp16(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """``tiny_llama``'s weights, exported by Optimum with ``--dtype fp16`` (the usual GPU export)."""
     return _build(tmp_path_factory, "tiny_llama_fp16", dtype="fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """``tiny_arch(name)``: the tiny model of ``serq_onnx.export.TINY_ARCHS[name]`` (same sizes
+    as ``tiny_llama``; "llama" is ``tiny_llama``), each exported once per session."""
+    built: dict[str, TinyModel] = {}
+
+    def get(arch: str) -> TinyModel:
+        if arch not in built:
+            built[arch] = (request.getfixturevalue("tiny_llama") if arch == "llama"
+                           else _build(tmp_path_factory, f"tiny_{arch}", arch=arch))
+        return built[arch]
+
+    return get

@@ -320,7 +320,8 @@ def test_float16_weights_are_targets_and_bfloat16_is_refused():
 TIED_HEAD = HEADER + f"""
 g (int64[2, 3] ids) => (float[2, 3, 40] logits) {{
   e = Gather(embed, ids)
-  n = Mul(e, gamma)
+  h = MatMul(e, Wd)
+  n = Mul(h, gamma)
   et = Transpose <perm = [1, 0]> (embed)
   logits = MatMul(n, et)
 }}
@@ -329,17 +330,19 @@ g (int64[2, 3] ids) => (float[2, 3, 40] logits) {{
 
 def test_untie_lm_head_gives_the_head_its_own_weight():
     model = _model(TIED_HEAD, embed=_rng_weights(0, E=(40, K))["E"],
-                   gamma=np.linspace(0.5, 1.5, K, dtype=np.float32))
+                   gamma=np.linspace(0.5, 1.5, K, dtype=np.float32),
+                   Wd=_rng_weights(1, Wd=(K, K))["Wd"])
     feeds = {"ids": np.array([[1, 5, 7], [0, 39, 2]], np.int64)}
     before = _run(model, feeds)
     assert passes.UntieLMHeadPass()(model).modified
-    head = next(n for n in model.graph if n.op_type == "MatMul")
+    head = next(n for n in model.graph if n.op_type == "MatMul" and n.outputs[0].name == "logits")
     np.testing.assert_array_equal(head.inputs[1].const_value.numpy(),
                                   model.graph.initializers["embed"].const_value.numpy().T)
     np.testing.assert_array_equal(_run(model, feeds)[0], before[0])
     plan = _find(model, ConvertConfig(lm_head="int8"))
-    (t,) = plan.targets
-    assert t.role == "lm_head" and t.layer_bits(plan.config) == (8, 8)
+    decoder, t = plan.targets
+    assert decoder.node.inputs[1].name == "Wd" and t.role == "lm_head"
+    assert t.layer_bits(plan.config) == (8, 8)
     assert t.layer_rank(plan.config) == 0
     assert not passes.UntieLMHeadPass()(model).modified  # nothing left to untie
 
@@ -347,5 +350,5 @@ def test_untie_lm_head_gives_the_head_its_own_weight():
 def test_untie_lm_head_leaves_other_transposes():
     text = TIED_HEAD.replace("perm = [1, 0]", "perm = [0, 1]")
     model = _model(text, embed=_rng_weights(0, E=(K, 40))["E"].T.copy(),
-                   gamma=np.ones(K, np.float32))
+                   gamma=np.ones(K, np.float32), Wd=np.eye(K, dtype=np.float32))
     assert not passes.UntieLMHeadPass()(model).modified
