@@ -261,7 +261,7 @@ def fuse_attention_structure(model: ir.Model, model_path: Path):
     except FileNotFoundError:
         return None, 0, f"{cfg_path.name} not found beside the model"
     except (ValueError, KeyError, TypeError) as err:
-        return None, 0, f"RoPE of {cfg_path.name}: {err} is not supported"
+        return None, 0, f"{cfg_path.name} asks for {err}, which the fused kernel does not compute"
     nodes_before = sum(1 for _ in model.graph)
     fuse = passes.FuseAttentionPass(rotary)
     if not fuse(model).modified:

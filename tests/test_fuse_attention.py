@@ -176,7 +176,7 @@ def test_convert_keeps_attention_when_rope_is_scaled(tiny_llama, tmp_path):
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
     (src / "config.json").write_text(json.dumps(cfg))
     report = convert(src / "model.onnx", tmp_path / "out", **SMALL)
-    assert report.attention.startswith("as exported (RoPE of config.json: ")
+    assert report.attention.startswith("as exported (config.json asks for rope_scaling ")
     assert "yarn" in report.attention
 
 
