@@ -17,7 +17,8 @@ from serq_onnx.plan import LM_HEAD_BITS, InputGroup, Target
 
 from ._base import PlanPass
 
-_ROLE = re.compile(r"(q|k|v|o|gate|up|down)_proj")
+# qkv: genai's builder packs the query, key and value projections into one MatMul.
+_ROLE = re.compile(r"(qkv|q|k|v|o|gate|up|down)_proj")
 _LAYER = re.compile(r"layers[./](\d+)")
 # Fused RMSNorms and the input that holds gamma: SkipSimplifiedLayerNormalization takes
 # (input, skip, gamma[, bias]); only its output 0 is the normalized value.
@@ -37,7 +38,7 @@ def _label(node: ir.Node, index: int) -> tuple[str, str, int]:
     role_m, layer_m = _ROLE.search(name), _LAYER.search(name)
     role = role_m.group(1) if role_m else f"linear{index}"
     layer = int(layer_m.group(1)) if layer_m else -1
-    section = "self_attn" if role in ("q", "k", "v", "o") else "mlp" if role_m else "linear"
+    section = "self_attn" if role in ("qkv", "q", "k", "v", "o") else "mlp" if role_m else "linear"
     label = f"layers.{layer}.{section}.{role}_proj" if role_m else (name or f"matmul{index}")
     return label, role, layer
 

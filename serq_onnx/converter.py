@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, output_dir, verify as checks
+from . import calibration, genai, output_dir, verify as checks
+from .cache_dims import pin_cache_dims
 from .errors import SerqError
 from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan
@@ -127,6 +128,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     out_dir = output_dir.check_output(output, inputs, overwrite)
 
     ir_model = load_model(model_path)
+    pin_cache_dims(ir_model)
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     t = time.perf_counter()
@@ -222,6 +224,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     t = time.perf_counter()
     with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
         timings["save"] = time.perf_counter() - t
+        log(genai.stage_for_conversion(tmp_out, out_model.name))
         verify_msg = "skipped (--no-verify)"
         if verify:
             t = time.perf_counter()
@@ -247,6 +250,9 @@ def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, s
     """The model with fused attention and what was done, or the model as it was and why not."""
     from serq_onnx import passes
 
+    done = passes.fuse_attention.already_fused(model.graph)
+    if done:
+        return model, f"as exported ({done})"
     cfg_path = model_path.parent / "config.json"
     try:
         rotary = passes.RotaryParams.from_config(json.loads(cfg_path.read_text()))
