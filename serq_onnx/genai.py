@@ -252,3 +252,44 @@ def stage_for_conversion(folder: Path, model_file: str) -> str:
         (folder / GENAI_CONFIG).unlink(missing_ok=True)  # a copied one would be stale
         return f"{GENAI_CONFIG} not written: {err}"
     return f"{GENAI_CONFIG} written (onnxruntime-genai loads the folder with og.Model)"
+
+
+def generate(folder: str | os.PathLike, prompt_ids: Any, new_tokens: int = 32) -> dict[str, Any]:
+    """Greedy generation of ``new_tokens`` after ``prompt_ids`` with onnxruntime-genai, timed as
+    :func:`serq_onnx.evaluate.decode_speed` times a plain session: the prefill yields the first
+    new token, each later step one more. Returns ``tokens`` (the new ones), ``prefill_seconds``,
+    ``decode_seconds`` and ``decode_tokens_per_s``."""
+    import time
+
+    import numpy as np
+
+    try:
+        import onnxruntime_genai as og
+    except ImportError as err:
+        raise SerqError(f"onnxruntime-genai is not installed ({err}); run "
+                        "`pip install 'serq-onnx[genai]'`") from None
+    prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(-1)
+    if prompt.size < 1 or new_tokens < 2:
+        raise SerqError(f"generate needs a non-empty prompt and new_tokens >= 2 (got "
+                        f"{prompt.size} prompt tokens, new_tokens={new_tokens})")
+    try:
+        model = og.Model(str(folder))
+    except Exception as err:  # genai reports a bad folder as RuntimeError
+        raise SerqError(f"onnxruntime-genai cannot load {folder}: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=int(prompt.size + new_tokens), do_sample=False,
+                              min_length=0)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    decode = time.perf_counter() - t0
+    tokens = [int(t) for t in gen.get_sequence(0)[prompt.size:]]
+    steps = max(len(tokens) - 1, 1)
+    return {"tokens": tokens, "prefill_seconds": prefill, "decode_seconds": decode,
+            "decode_tokens_per_s": steps / decode if decode > 0 else float("inf")}
