@@ -254,7 +254,8 @@ def _add_genai_config(sub) -> None:
                    help="the decoder's file name in OUT_DIR (default model.onnx)")
     p.add_argument("--share-buffer", action=argparse.BooleanOptionalAction, default=True,
                    help="genai's past_present_share_buffer: one preallocated KV cache that "
-                   "GroupQueryAttention appends to in place (default: on)")
+                   "GroupQueryAttention appends to in place (default: on where the attention "
+                   "is GroupQueryAttention, off otherwise)")
     p.add_argument("--library", type=Path, default=None,
                    help="op library to copy in (default: the one serq-onnx loads, "
                    "$SERQ_ONNX_LIBRARY or the installed copy)")

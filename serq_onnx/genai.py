@@ -10,6 +10,7 @@ builder's names are the same: ``past_key_values.N.key``, ``present.N.key``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,17 +23,26 @@ from .errors import SerqError
 
 GENAI_CONFIG = "genai_config.json"
 SERQ_DOMAIN = "com.serq"
+MS_DOMAIN = "com.microsoft"
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 
-def _graph_io(model_path: Path) -> tuple[dict[str, list], dict[str, list], set[str]]:
-    """Input and output names with their shapes (ints or dim names), and the op domains."""
+def _graph_io(model_path: Path) -> tuple[dict[str, list], dict[str, list], set[tuple[str, str]]]:
+    """Input and output names with their shapes (ints or dim names), and the ops."""
+    st = model_path.stat()
+    return _read_graph_io(str(model_path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_graph_io(model_path: str, mtime_ns: int, size: int
+                   ) -> tuple[dict[str, list], dict[str, list], set[tuple[str, str]]]:
+    """:func:`_graph_io`, parsed once per file version (an inline-weight model is large)."""
     import onnx
 
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        proto = onnx.load(model_path, load_external_data=False)
     except Exception as err:  # noqa: BLE001 - any parse failure is the user's file
         raise SerqError(f"{model_path} is not a readable ONNX model ({err})") from None
 
@@ -42,8 +52,10 @@ def _graph_io(model_path: Path) -> tuple[dict[str, list], dict[str, list], set[s
 
     inputs = {v.name: dims(v) for v in proto.graph.input}
     outputs = {v.name: dims(v) for v in proto.graph.output}
-    domains = {n.domain for n in proto.graph.node} | {o.domain for o in proto.opset_import}
-    return inputs, outputs, domains
+    # (domain, op type) of every node, and each imported domain as (domain, "")
+    ops = {(n.domain, n.op_type) for n in proto.graph.node} | {
+        (o.domain, "") for o in proto.opset_import}
+    return inputs, outputs, ops
 
 
 def _layers(names: dict, pattern: re.Pattern) -> int:
@@ -63,19 +75,31 @@ def _search(folder: Path, context: int, share_buffer: bool) -> dict[str, Any]:
     """genai's search defaults, taking what ``generation_config.json`` sets (greedy otherwise)."""
     path = folder / "generation_config.json"
     gen = _load_json(path) if path.is_file() else {}
+
+    def get(key: str, default: Any, kind: type) -> Any:
+        value = gen.get(key)
+        if value is None:
+            return default
+        if key == "early_stopping" and isinstance(value, str):  # transformers' "never"
+            return value != "never"
+        if kind is bool and isinstance(value, bool) or kind is not bool and isinstance(
+                value, (int, float)) and not isinstance(value, bool):
+            return kind(value)
+        raise SerqError(f"{path}: {key} is {value!r}, not a {kind.__name__}; fix or remove it")
+
     return {
-        "do_sample": bool(gen.get("do_sample", False)),
-        "num_beams": int(gen.get("num_beams", 1)),
-        "num_return_sequences": int(gen.get("num_return_sequences", 1)),
-        "temperature": float(gen.get("temperature", 1.0)),
-        "top_k": int(gen.get("top_k", 50)),
-        "top_p": float(gen.get("top_p", 1.0)),
-        "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
-        "length_penalty": float(gen.get("length_penalty", 1.0)),
-        "no_repeat_ngram_size": int(gen.get("no_repeat_ngram_size", 0)),
-        "min_length": int(gen.get("min_length", 0)),
-        "early_stopping": bool(gen.get("early_stopping", True)),
-        "diversity_penalty": float(gen.get("diversity_penalty", 0.0)),
+        "do_sample": get("do_sample", False, bool),
+        "num_beams": get("num_beams", 1, int),
+        "num_return_sequences": get("num_return_sequences", 1, int),
+        "temperature": get("temperature", 1.0, float),
+        "top_k": get("top_k", 50, int),
+        "top_p": get("top_p", 1.0, float),
+        "repetition_penalty": get("repetition_penalty", 1.0, float),
+        "length_penalty": get("length_penalty", 1.0, float),
+        "no_repeat_ngram_size": get("no_repeat_ngram_size", 0, int),
+        "min_length": get("min_length", 0, int),
+        "early_stopping": get("early_stopping", True, bool),
+        "diversity_penalty": get("diversity_penalty", 0.0, float),
         # transformers' default max_length (20) is a placeholder; genai stops at the context.
         "max_length": context,
         "past_present_share_buffer": share_buffer,
@@ -108,6 +132,12 @@ def _cache_io(model_path: Path) -> tuple[dict[str, list], dict[str, list], int]:
     return inputs, outputs, n_past
 
 
+def _appends_in_place(model_path: Path) -> bool:
+    """True if every layer's cache is GroupQueryAttention's, which writes the new entries into
+    a preallocated buffer; a spelled-out ``Concat(past, new)`` cannot share one."""
+    return (MS_DOMAIN, "GroupQueryAttention") in _graph_io(model_path)[2]
+
+
 def genai_config(folder: str | os.PathLike, *, model_file: str = "model.onnx",
                  library_name: str | None = None, share_buffer: bool = True) -> dict[str, Any]:
     """The ``genai_config.json`` contents for ``folder``.
@@ -117,7 +147,9 @@ def genai_config(folder: str | os.PathLike, *, model_file: str = "model.onnx",
     that one, with the decoder file name and op library updated. ``library_name``: the op
     library's file name inside ``folder`` (None: the graph needs none). ``share_buffer``:
     genai's ``past_present_share_buffer``, one preallocated KV buffer that GroupQueryAttention
-    appends to in place. Raises :class:`SerqError` for a folder this cannot describe.
+    appends to in place; off regardless for a graph whose attention is not GroupQueryAttention
+    (``--no-fuse-attention``, or a fusion that was refused). Raises :class:`SerqError` for a
+    folder this cannot describe.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -130,6 +162,7 @@ def genai_config(folder: str | os.PathLike, *, model_file: str = "model.onnx",
     if not model_path.is_file():
         raise SerqError(f"{folder} has no {model_file}; give the folder of a converted model")
     inputs, outputs, n_layers = _cache_io(model_path)
+    share_buffer = share_buffer and _appends_in_place(model_path)
     if not cfg_path.is_file():
         cfg = _load_json(existing)
         decoder = cfg.get("model", {}).get("decoder")
@@ -223,7 +256,7 @@ def write_genai_config(folder: str | os.PathLike, *, model_file: str = "model.on
     folder = Path(folder)
     model_path = folder / model_file
     src = None
-    if model_path.is_file() and SERQ_DOMAIN in _graph_io(model_path)[2]:
+    if model_path.is_file() and any(d == SERQ_DOMAIN for d, _ in _graph_io(model_path)[2]):
         from .library import get_library_path
 
         src = Path(library if library is not None else get_library_path())

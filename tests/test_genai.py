@@ -181,6 +181,35 @@ def test_builder_graph_with_tied_embeddings(og, tmp_path):
                         _plain_greedy(out / "model.onnx"), eos, varied=False)
 
 
+def test_attention_as_exported_gets_no_shared_buffer(og, tiny_llama, tmp_path):
+    """Optimum's spelled-out attention concatenates past and new keys: genai must hand it a
+    growing cache, not one preallocated buffer."""
+    from serq_onnx.converter import convert
+
+    out = tmp_path / "unfused"
+    rng = np.random.default_rng(0)
+    convert(tiny_llama.onnx_path, out, rank=8, fuse_attention=False, verify=False,
+            calib_ids=[rng.integers(3, 320, 16) for _ in range(2)], progress=False,
+            log=lambda *a: None)
+    cfg = json.loads((out / genai.GENAI_CONFIG).read_text())
+    assert cfg["search"]["past_present_share_buffer"] is False
+    _assert_same_greedy(genai.generate(out, PROMPT, NEW_TOKENS)["tokens"],
+                        _plain_greedy(out / "model.onnx"), tiny_llama.config["eos_token_id"])
+
+
+def test_generation_config_values(converted, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(converted, folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_k": None, "early_stopping": "never"}))
+    search = genai.genai_config(folder)["search"]
+    assert (search["do_sample"], search["temperature"], search["top_k"],
+            search["early_stopping"]) == (True, 0.7, 50, False)
+    (folder / "generation_config.json").write_text(json.dumps({"top_p": "high"}))
+    with pytest.raises(SerqError, match="top_p is 'high', not a float"):
+        genai.genai_config(folder)
+
+
 def test_failed_conversion_leaves_no_output(tiny_llama, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
