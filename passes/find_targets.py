@@ -38,7 +38,8 @@ def _label(node: ir.Node, index: int) -> tuple[str, str, int]:
     role_m, layer_m = _ROLE.search(name), _LAYER.search(name)
     role = role_m.group(1) if role_m else f"linear{index}"
     layer = int(layer_m.group(1)) if layer_m else -1
-    section = "self_attn" if role in ("qkv", "q", "k", "v", "o") else "mlp" if role_m else "linear"
+    attn = ("qkv", "q", "k", "v", "o")
+    section = "self_attn" if role in attn else "mlp" if role_m else "linear"
     label = f"layers.{layer}.{section}.{role}_proj" if role_m else (name or f"matmul{index}")
     return label, role, layer
 

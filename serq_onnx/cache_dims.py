@@ -55,10 +55,12 @@ def symbolic_cache_dims(graph: ir.Graph) -> dict[str, int]:
     it is symbolic and the graph says what it is; empty otherwise."""
     names = set()
     for v in list(graph.inputs) + list(graph.outputs):
-        if (_PAST.match(v.name or "") or (v.name or "").startswith("present.")) and \
-                v.shape is not None and len(v.shape) == 4 and isinstance(v.shape[3], ir.SymbolicDim):
-            if v.shape[3].value is not None:
-                names.add(v.shape[3].value)
+        name = v.name or ""
+        if not (_PAST.match(name) or name.startswith("present.")):
+            continue
+        if v.shape is not None and len(v.shape) == 4 and isinstance(v.shape[3], ir.SymbolicDim) \
+                and v.shape[3].value is not None:
+            names.add(v.shape[3].value)
     if not names:
         return {}
     size = gqa_head_size(graph)
