@@ -18,8 +18,8 @@ from serq_onnx.plan import LM_HEAD_BITS, InputGroup, Target
 
 from ._base import PlanPass
 
-# Fused projections first: ``qkv_proj`` (Phi-3) would otherwise read as ``v_proj``,
-# ``gate_up_proj`` as ``up_proj``.
+# Fused projections first: ``qkv_proj`` (Phi-3, genai's builder) would otherwise read as
+# ``v_proj``, ``gate_up_proj`` as ``up_proj``.
 _ROLE = re.compile(r"(qkv|gate_up|q|k|v|o|gate|up|down)_proj")
 _ATTN_ROLES = ("qkv", "q", "k", "v", "o")
 _LAYER = re.compile(r"layers[./](\d+)")

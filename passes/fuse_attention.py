@@ -259,6 +259,22 @@ def find_layers(graph: ir.Graph) -> tuple[list[LayerAttention], str | None]:
     return layers, None
 
 
+_FUSED = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+
+
+def already_fused(graph: ir.Graph) -> str | None:
+    """Why there is nothing to fuse when the exporter already did (genai's model builder writes
+    ``GroupQueryAttention`` with rotary inside), else None."""
+    found: dict[str, int] = {}
+    for node in graph:
+        if node.op_type in _FUSED and node.domain == "com.microsoft":
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if not found:
+        return None
+    what = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
+    return f"already fused by the exporter: {what} nodes"
+
+
 def _static_dims(value: ir.Value) -> list[int | None]:
     shape = value.shape
     return [] if shape is None else [d if isinstance(d, int) else None for d in shape.dims]
@@ -277,6 +293,9 @@ class FuseAttentionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self.reason = already_fused(graph)
+        if self.reason:
+            return ir.passes.PassResult(model, modified=False)
         layers, self.reason = find_layers(graph)
         if not layers:
             return ir.passes.PassResult(model, modified=False)

@@ -29,14 +29,29 @@ def _transposed_constant(value: ir.Value) -> ir.Value | None:
     return c
 
 
+def _copy_shared_weight(graph: ir.Graph, head: ir.Node) -> bool:
+    """genai's builder ties the other way round: the head reads the ``[K, V]`` initializer and
+    the embedding ``Gather`` its ``Transpose``. The head gets a copy; True if one was made."""
+    weight = head.inputs[1]
+    if len(weight.uses()) < 2 or len(weight.const_value.shape) != 2:
+        return False
+    own = ir.Value(name=f"{weight.name}.lm_head",
+                   const_value=ir.tensor(np.array(weight.const_value.numpy())))
+    graph.register_initializer(own)
+    head.replace_input_with(1, own)
+    return True
+
+
 class UntieLMHeadPass(ir.passes.InPlacePass):
     """The MatMul producing ``logits`` gets its weight as an initializer of its own."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         head = next((o.producer() for o in graph.outputs if o.name == "logits"), None)
-        if head is None or head.op_type != "MatMul" or head.inputs[1].const_value is not None:
+        if head is None or head.op_type != "MatMul":
             return ir.passes.PassResult(model, modified=False)
+        if head.inputs[1].const_value is not None:
+            return ir.passes.PassResult(model, modified=_copy_shared_weight(graph, head))
         table = _transposed_constant(head.inputs[1])
         if table is None:
             return ir.passes.PassResult(model, modified=False)

@@ -330,6 +330,37 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_genai_config(sub) -> None:
+    p = sub.add_parser("genai-config", help="write genai_config.json for onnxruntime-genai",
+                       description="Write genai_config.json into a model folder (convert does "
+                       "this itself when the input folder has config.json), so that "
+                       "onnxruntime-genai's og.Model loads it; a converted model gets the op "
+                       "library copied in, since genai loads custom op libraries only from "
+                       "inside the model folder.")
+    p.add_argument("folder", type=Path, metavar="OUT_DIR",
+                   help="folder with the model and its config.json (or a genai_config.json "
+                   "to update)")
+    p.add_argument("--model-file", default="model.onnx",
+                   help="the decoder's file name in OUT_DIR (default model.onnx)")
+    p.add_argument("--share-buffer", action=argparse.BooleanOptionalAction, default=True,
+                   help="genai's past_present_share_buffer: one preallocated KV cache that "
+                   "GroupQueryAttention appends to in place (default: on where the attention "
+                   "is GroupQueryAttention, off otherwise)")
+    p.add_argument("--library", type=Path, default=None,
+                   help="op library to copy in (default: the one serq-onnx loads, "
+                   "$SERQ_ONNX_LIBRARY or the installed copy)")
+    p.set_defaults(func=_genai_config)
+
+
+def _genai_config(args) -> int:
+    from .genai import write_genai_config
+
+    out = write_genai_config(args.folder, model_file=args.model_file,
+                             share_buffer=args.share_buffer, library=args.library)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -341,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_nbits(sub)
     _add_bench(sub)
+    _add_genai_config(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cache_dims import with_cache_dims
 from .evaluate import causal_lm_spec, prefill_feed
 
 
@@ -30,7 +31,9 @@ def cpu_session(path: str | os.PathLike, with_ops: bool = False):
         from .library import session_options
 
         so = session_options(so)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    return with_cache_dims(ort.InferenceSession(str(path), so, providers=providers), path, so,
+                           providers)
 
 
 def logits(session, ids: np.ndarray) -> np.ndarray:

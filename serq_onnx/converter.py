@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, output_dir, pipeline, verify as checks
+from . import calibration, genai, output_dir, pipeline, verify as checks
+from .cache_dims import pin_cache_dims
 from .errors import SerqError
 from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan
@@ -122,6 +123,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
                                        overwrite, calib_ids is not None)
 
     ir_model = load_model(model_path)
+    pin_cache_dims(ir_model)
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     t = time.perf_counter()
@@ -155,6 +157,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     t = time.perf_counter()
     with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
         timings["save"] = time.perf_counter() - t
+        log(genai.stage_for_conversion(tmp_out, out_model.name))
         verify_msg = "skipped (--no-verify)"
         if verify:
             t = time.perf_counter()
@@ -255,6 +258,9 @@ def fuse_attention_structure(model: ir.Model, model_path: Path):
     fused), the node count before, and why not, where not."""
     from serq_onnx import passes
 
+    done = passes.fuse_attention.already_fused(model.graph)
+    if done:
+        return None, 0, done
     cfg_path = model_path.parent / "config.json"
     try:
         rotary = passes.RotaryParams.from_config(json.loads(cfg_path.read_text()))
@@ -281,7 +287,9 @@ def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, s
         check = checks.check_attention_fusion(model_path, model, _vocab_size(model), dtype)
     except SerqError as err:
         log(f"attention stays as exported: {err}")
-        return load_model(model_path), f"as exported ({err})"
+        original = load_model(model_path)
+        pin_cache_dims(original)
+        return original, f"as exported ({err})"
     return model, (f"GroupQueryAttention in {fuse.layers} layers ({nodes_before} -> "
                    f"{sum(1 for _ in model.graph)} nodes); check: {check}")
 

@@ -80,11 +80,15 @@ def open_session(model: SessionLike) -> Any:
     except Exception as err:  # protobuf raises several types for a corrupt or truncated file
         raise SerqError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
     try:
-        if any(op.domain == "com.serq" for op in proto.opset_import):
-            from .library import session
+        from .cache_dims import with_cache_dims
 
-            return session(path)
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        so, providers = ort.SessionOptions(), ["CPUExecutionProvider"]
+        if any(op.domain == "com.serq" for op in proto.opset_import):
+            from .library import session_options
+
+            so = session_options(so)
+        return with_cache_dims(ort.InferenceSession(str(path), so, providers=providers), path,
+                               so, providers)
     except SerqError:
         raise
     except Exception as err:  # onnxruntime reports an invalid graph as its own exception

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import calibration, converter, output_dir, pipeline, reference
+from .cache_dims import pin_cache_dims
 from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan, Target
 
@@ -280,6 +281,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     model_path, _ = converter.check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                            overwrite)
     ir_model = load_model(model_path)
+    pin_cache_dims(ir_model)  # genai builder graphs name the head size symbolically
     if output is not None:
         output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)

@@ -29,12 +29,16 @@ def model_nbytes(model: ir.Model) -> int:
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
-    """Save ``model``; large models get their initializers in ``<name>.data`` beside it.
+    """Save ``model``; large models, and models loaded with external data (genai's builder
+    writes ``model.onnx.data`` at any size), get their initializers in ``<name>.data`` beside
+    it: a reference to the input's data file would not resolve from another folder.
 
     Returns the files written.
     """
     path = Path(path)
-    if model_nbytes(model) > PROTOBUF_LIMIT:
+    external = any(isinstance(v.const_value, ir.ExternalTensor)
+                   for v in model.graph.initializers.values())
+    if external or model_nbytes(model) > PROTOBUF_LIMIT:
         data = path.name + ".data"
         ir.save(model, path, external_data=data)
         return [path, path.parent / data]

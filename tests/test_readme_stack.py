@@ -23,7 +23,7 @@ def _blocks() -> dict[str, str]:
 
 
 def test_readme_has_the_stack_blocks():
-    assert {"onnxruntime", "optimum"} <= set(_blocks())
+    assert {"onnxruntime", "optimum", "genai"} <= set(_blocks())
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,12 @@ def test_optimum_block(converted, monkeypatch, capsys):
     # The block printed the decoded prompt followed by what generate() added to it.
     assert text.startswith("The quick brown fox") and len(text.strip()) > len("The quick brown fox")
     assert scope["inputs"]["input_ids"].shape[1] > 0
+
+
+def test_genai_block(converted, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed "
+                        "(pip install '.[genai]'; make test installs it)")
+    scope = _run("genai", converted, monkeypatch)
+    text = capsys.readouterr().out
+    assert text.startswith("The quick brown fox")
+    assert len(scope["gen"].get_sequence(0)) == 32  # max_length, no end token in a random model
