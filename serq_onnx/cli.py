@@ -349,6 +349,7 @@ def _add_genai_config(sub) -> None:
     p.add_argument("--library", type=Path, default=None,
                    help="op library to copy in (default: the one serq-onnx loads, "
                    "$SERQ_ONNX_LIBRARY or the installed copy)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_genai_config)
 
 
@@ -357,7 +358,8 @@ def _genai_config(args) -> int:
 
     out = write_genai_config(args.folder, model_file=args.model_file,
                              share_buffer=args.share_buffer, library=args.library)
-    print(f"wrote {out}")
+    _emit(args, f"wrote {out}", {"genai_config": str(out),
+                                 "config": json.loads(Path(out).read_text())})
     return 0
 
 

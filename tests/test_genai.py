@@ -105,7 +105,7 @@ def test_convert_writes_genai_config_with_the_library_inside(converted, tiny_lla
 
 @pytest.mark.parametrize("share_buffer", [True, False])
 def test_genai_greedy_equals_plain_session(og, converted, tiny_llama, tmp_path, monkeypatch,
-                                           share_buffer):
+                                           capsys, share_buffer):
     """The config written by `serq-onnx genai-config` on a folder without one; generation from
     another working directory (the library is found in the model folder, not the cwd)."""
     from serq_onnx import cli
@@ -114,8 +114,14 @@ def test_genai_greedy_equals_plain_session(og, converted, tiny_llama, tmp_path, 
     shutil.copytree(converted, folder)
     (folder / genai.GENAI_CONFIG).unlink()
     (folder / "libserq_onnx_ops.so").unlink()
-    args = ["genai-config", str(folder)] + ([] if share_buffer else ["--no-share-buffer"])
+    args = ["genai-config", str(folder), "--json"] + ([] if share_buffer else
+                                                      ["--no-share-buffer"])
     assert cli.main(args) == 0
+    written = json.loads(capsys.readouterr().out)  # --json: one object on stdout
+    assert written["genai_config"] == str(folder / genai.GENAI_CONFIG)
+    decoder = written["config"]["model"]["decoder"]
+    assert decoder["session_options"]["custom_ops_library"] == "libserq_onnx_ops.so"
+    assert bool(written["config"]["search"]["past_present_share_buffer"]) == share_buffer
     monkeypatch.chdir(tmp_path)
     got = genai.generate(folder, PROMPT, NEW_TOKENS)["tokens"]
     _assert_same_greedy(got, _plain_greedy(folder / "model.onnx"),
