@@ -240,6 +240,64 @@ def _bench(args) -> int:
     return 0
 
 
+# --- serving: serve (Ray Serve) and triton-repo (a Triton model repository) ---------------------
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a converted model with Ray Serve (OpenAI-style API)",
+                       description="Serve a converted model folder with Ray Serve: POST "
+                       "/v1/completions (OpenAI completions), GET /v1/models, GET /health; every "
+                       "replica opens the model with the op library registered. Needs the serve "
+                       "extra (pip install 'serq-onnx[serve]'). Ctrl-C stops.")
+    p.add_argument("model_dir", type=Path, help="output folder of serq-onnx convert")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
+                   "default: start a local Ray instance")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (default: all of this machine)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads per replica (default 0: onnxruntime's "
+                   "default)")
+    p.add_argument("--max-ongoing-requests", type=int, default=4,
+                   help="requests one replica works on at once; more wait in Serve's queue "
+                   "(default 4)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the "
+                   "folder's name)")
+    p.add_argument("--library-path", default=None, metavar="PATH",
+                   help="the op library as the replicas' machines see it (default: "
+                   "$SERQ_ONNX_LIBRARY, else each replica's installed copy)")
+    p.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds to wait for every replica to load the model (default 300)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from . import serve
+
+    server = serve.start(args.model_dir, replicas=args.replicas, host=args.host, port=args.port,
+                         ray_address=args.ray_address, num_cpus=args.num_cpus,
+                         cpus_per_replica=args.cpus_per_replica, threads=args.threads,
+                         model_name=args.model_name,
+                         max_ongoing_requests=args.max_ongoing_requests,
+                         library=args.library_path, start_timeout=args.start_timeout)
+    try:
+        print(f"serving {args.model_dir} at {server.url}/v1/completions "
+              f"({args.replicas} replica{'s' if args.replicas != 1 else ''}); Ctrl-C stops",
+              flush=True)
+        serve.serve_forever(server)
+    finally:
+        server.stop()
+    return 0
+
+# --- end of serving --------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -250,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_nbits(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -108,7 +108,10 @@ class CompletionServer:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        status, body = await self.handle(request.method, request.url.path, await request.body())
+        path, root = request.url.path, request.scope.get("root_path", "")
+        if root and path.startswith(root):  # Serve mounts the application at its route prefix
+            path = path[len(root):]
+        status, body = await self.handle(request.method, path, await request.body())
         return JSONResponse(body, status_code=status, headers={REPLICA_HEADER: self.replica})
 
 
@@ -195,11 +198,11 @@ def _replica_error(message: str) -> str:
     return lines[-1] if lines else "no message"
 
 
-def _wait_running(serve: Any, timeout: float) -> None:
+def _wait_running(serve: Any, name: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP_NAME)
+        app = serve.status().applications.get(name)
         last = app
         if app is not None and app.status == "RUNNING":
             return
@@ -218,19 +221,22 @@ def _wait_running(serve: Any, timeout: float) -> None:
 class Server:
     """A running application: its URL, and :meth:`stop` (also on ``with`` exit)."""
 
-    def __init__(self, url: str, started_ray: bool, replicas: int):
-        self.url, self.started_ray, self.replicas = url, started_ray, replicas
+    def __init__(self, url: str, replicas: int, started_ray: bool, started_serve: bool,
+                 app_name: str = APP_NAME):
+        self.url, self.replicas, self.app_name = url, replicas, app_name
+        self.started_ray, self.started_serve = started_ray, started_serve
 
     def stop(self) -> None:
-        """Delete the application; shut Serve and Ray down if this process started them."""
+        """Delete the application; shut Serve and Ray down where this process started them."""
         ray, serve = _import_ray()
         if not ray.is_initialized():
             return
-        if self.started_ray:
+        if self.started_serve:
             serve.shutdown()
-            ray.shutdown()
         else:
-            serve.delete(APP_NAME)
+            serve.delete(self.app_name)
+        if self.started_ray:
+            ray.shutdown()
 
     def __enter__(self) -> "Server":
         return self
@@ -239,14 +245,27 @@ class Server:
         self.stop()
 
 
+def _running_serve() -> Any:
+    """The HTTP options of a Serve instance already running on the cluster, or None."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # a Ray version without this helper: assume none runs
+        return None
+    return None if client is None else client.http_config
+
+
 def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0.0.1",
           port: int = DEFAULT_PORT, ray_address: str | None = None, num_cpus: int | None = None,
           cpus_per_replica: float = 1.0, threads: int = 0, model_name: str | None = None,
           max_ongoing_requests: int = 4, library: str | None = None,
-          start_timeout: float = 120.0) -> Server:
-    """Serve ``model_dir`` at ``http://host:port/v1/completions`` and return once every replica
-    is up. ``num_cpus``: CPUs of a local Ray instance (default: all); ignored with
-    ``ray_address``. See :func:`build_app` for the rest."""
+          start_timeout: float = 120.0, app_name: str = APP_NAME,
+          route_prefix: str = "/") -> Server:
+    """Serve ``model_dir`` at ``http://host:port{route_prefix}v1/completions`` and return once
+    every replica is up. ``num_cpus``: CPUs of a local Ray instance (default: all); ignored
+    with ``ray_address``. ``app_name`` and ``route_prefix`` tell applications apart where one
+    Serve instance runs several. See :func:`build_app` for the rest."""
     from .generate import check_model_dir
 
     if replicas < 1:
@@ -261,9 +280,18 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
         raise SerqError(f"--port must be in 1..65535, got {port}")
     check_model_dir(model_dir)
     ray, serve = _import_ray()
-    _check_port_free(host, port)
-    started = _connect(ray, ray_address, num_cpus)
-    server = Server(f"http://{host}:{port}", started, replicas)
+    if ray_address is None and not ray.is_initialized():
+        _check_port_free(host, port)  # a local instance: the proxy will listen on this machine
+    started_ray = _connect(ray, ray_address, num_cpus)
+    running = _running_serve()
+    if running is not None and (running.host, running.port) != (host, port):
+        if started_ray:
+            ray.shutdown()
+        raise SerqError(f"Ray Serve already runs on this cluster and listens on "
+                        f"{running.host}:{running.port}; pass --host {running.host} --port "
+                        f"{running.port} to add the model there, or stop it (`serve shutdown`)")
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    server = Server(url, replicas, started_ray, running is None, app_name)
     try:
         free = ray.cluster_resources().get("CPU", 0.0)
         if replicas * cpus_per_replica > free:
@@ -274,9 +302,9 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
                         cpus_per_replica=cpus_per_replica,
                         max_ongoing_requests=max_ongoing_requests, library=library)
         serve.start(http_options={"host": host, "port": port})
-        serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+        serve.run_many([serve.RunTarget(target=app, name=app_name, route_prefix=route_prefix)],
                        wait_for_applications_running=False)
-        _wait_running(serve, start_timeout)
+        _wait_running(serve, app_name, start_timeout)
     except BaseException:
         server.stop()
         raise
@@ -291,7 +319,7 @@ def serve_forever(server: Server, poll_s: float = 2.0) -> None:
     while True:
         time.sleep(poll_s)
         try:
-            app = serve.status().applications.get(APP_NAME)
+            app = serve.status().applications.get(server.app_name)
         except Exception as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise SerqError(f"lost the Ray cluster ({first}); restart serq-onnx serve") from None
