@@ -295,6 +295,40 @@ def _serve(args) -> int:
         server.stop()
     return 0
 
+
+def _add_triton_repo(sub) -> None:
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository",
+                       description="Write REPO/<name>/ for Triton's onnxruntime backend: "
+                       "config.pbtxt (checked against Triton's model-config schema), 1/model.onnx "
+                       "and the op library, named by model_operations. Needs the triton extra "
+                       "(pip install 'serq-onnx[triton]').")
+    p.add_argument("model_dir", type=Path, help="output folder of serq-onnx convert")
+    p.add_argument("repo", type=Path, help="model repository folder (created if missing; "
+                   "other models in it are left alone)")
+    p.add_argument("--model-name", default=None,
+                   help="the model's folder and name in the repository (default: the model "
+                   "folder's name)")
+    p.add_argument("--library-path", default=None, metavar="PATH",
+                   help="op_library_filename as the server sees it, e.g. inside its container "
+                   "(default: the absolute path of the copy written into REPO/<name>/)")
+    p.add_argument("--kind", default="cpu", choices=["cpu", "gpu"],
+                   help="instance_group kind: KIND_CPU or KIND_GPU (default cpu)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances in the instance group (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing REPO/<name> written by this command")
+    p.set_defaults(func=_triton_repo)
+
+
+def _triton_repo(args) -> int:
+    from .triton_repo import write_repo
+
+    target = write_repo(args.model_dir, args.repo, model_name=args.model_name,
+                        library_path=args.library_path, kind=args.kind,
+                        instances=args.instances, overwrite=args.overwrite)
+    print(f"wrote {target} (serve it with: tritonserver --model-repository={target.parent})")
+    return 0
+
 # --- end of serving --------------------------------------------------------------------------
 
 
@@ -309,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nbits(sub)
     _add_bench(sub)
     _add_serve(sub)
+    _add_triton_repo(sub)
     return parser
 
 
