@@ -272,6 +272,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--library-path", default=None, metavar="PATH",
                    help="the op library as the replicas' machines see it (default: "
                    "$SERQ_ONNX_LIBRARY, else each replica's installed copy)")
+    p.add_argument("--route-prefix", default="/",
+                   help="URL prefix of the routes, to tell models apart on one Serve instance "
+                   "(default /)")
     p.add_argument("--start-timeout", type=float, default=300.0,
                    help="seconds to wait for every replica to load the model (default 300)")
     p.set_defaults(func=_serve)
@@ -285,11 +288,14 @@ def _serve(args) -> int:
                          cpus_per_replica=args.cpus_per_replica, threads=args.threads,
                          model_name=args.model_name,
                          max_ongoing_requests=args.max_ongoing_requests,
-                         library=args.library_path, start_timeout=args.start_timeout)
+                         library=args.library_path, start_timeout=args.start_timeout,
+                         route_prefix=args.route_prefix)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # Ray's core worker installed its own
     try:
         print(f"serving {args.model_dir} at {server.url}/v1/completions "
-              f"({args.replicas} replica{'s' if args.replicas != 1 else ''}); Ctrl-C stops",
-              flush=True)
+              f"({args.replicas} replica{'s' if args.replicas != 1 else ''}, Ray cluster at "
+              f"{server.ray_address or 'unknown'}); Ctrl-C stops", flush=True)
         serve.serve_forever(server)
     finally:
         server.stop()

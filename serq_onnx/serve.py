@@ -25,7 +25,8 @@ from typing import Any
 
 from .errors import SerqError
 
-APP_NAME = "serq-onnx"
+APP_PREFIX = "serq-onnx-"  # Serve application names: this prefix and the model name
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps every address on 127.0.0.1
 DEFAULT_PORT = 8000
 CONSTRUCTOR_RETRIES = 1  # a model that fails to load fails the same way again: report it
 REPLICA_HEADER = "x-serq-replica"
@@ -182,7 +183,12 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None) -> bool:
     except Exception as err:  # ConnectionError, RuntimeError, ...: Ray's own messages
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise SerqError(f"cannot connect to {where}: {first}") from None
+        hint = ""
+        if address and os.environ.get("RAY_AUTH_MODE") is None:
+            hint = ("; if the cluster uses token authentication (Ray's default for clusters "
+                    "that ray.init starts), set RAY_AUTH_MODE=token, with the token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN")
+        raise SerqError(f"cannot connect to {where}: {first}{hint}") from None
     return not address
 
 
@@ -222,9 +228,10 @@ class Server:
     """A running application: its URL, and :meth:`stop` (also on ``with`` exit)."""
 
     def __init__(self, url: str, replicas: int, started_ray: bool, started_serve: bool,
-                 app_name: str = APP_NAME):
+                 app_name: str):
         self.url, self.replicas, self.app_name = url, replicas, app_name
         self.started_ray, self.started_serve = started_ray, started_serve
+        self.ray_address = ""  # the cluster's GCS address, for `--ray-address` of other runs
 
     def stop(self) -> None:
         """Delete the application; shut Serve and Ray down where this process started them."""
@@ -260,12 +267,13 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
           port: int = DEFAULT_PORT, ray_address: str | None = None, num_cpus: int | None = None,
           cpus_per_replica: float = 1.0, threads: int = 0, model_name: str | None = None,
           max_ongoing_requests: int = 4, library: str | None = None,
-          start_timeout: float = 120.0, app_name: str = APP_NAME,
-          route_prefix: str = "/") -> Server:
+          start_timeout: float = 120.0, route_prefix: str = "/") -> Server:
     """Serve ``model_dir`` at ``http://host:port{route_prefix}v1/completions`` and return once
     every replica is up. ``num_cpus``: CPUs of a local Ray instance (default: all); ignored
-    with ``ray_address``. ``app_name`` and ``route_prefix`` tell applications apart where one
-    Serve instance runs several. See :func:`build_app` for the rest."""
+    with ``ray_address``. The Serve application is named ``serq-onnx-<model name>``; where one
+    Serve instance runs several, each needs its own ``route_prefix``. A local instance keeps
+    Ray on 127.0.0.1 (it serves this machine; nothing else joins it) unless Ray was imported
+    before. See :func:`build_app` for the rest."""
     from .generate import check_model_dir
 
     if replicas < 1:
@@ -278,8 +286,13 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
         raise SerqError(f"--threads must be >= 0 (0: onnxruntime's default), got {threads}")
     if not 0 < port < 65536:
         raise SerqError(f"--port must be in 1..65535, got {port}")
-    check_model_dir(model_dir)
+    folder = check_model_dir(model_dir)
+    if not route_prefix.startswith("/"):
+        raise SerqError(f"--route-prefix must start with /, got {route_prefix!r}")
+    if ray_address is None and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")  # read when ray is imported, workers inherit it
     ray, serve = _import_ray()
+    app_name = APP_PREFIX + (model_name or default_model_name(folder))
     if ray_address is None and not ray.is_initialized():
         _check_port_free(host, port)  # a local instance: the proxy will listen on this machine
     started_ray = _connect(ray, ray_address, num_cpus)
@@ -305,6 +318,7 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
         serve.run_many([serve.RunTarget(target=app, name=app_name, route_prefix=route_prefix)],
                        wait_for_applications_running=False)
         _wait_running(serve, app_name, start_timeout)
+        server.ray_address = str(getattr(ray.get_runtime_context(), "gcs_address", "") or "")
     except BaseException:
         server.stop()
         raise
