@@ -142,7 +142,7 @@ class Generator:
     def __init__(self, model_dir: str | os.PathLike, threads: int = 0,
                  providers: list | None = None):
         from .calibration import load_tokenizer
-        from .evaluate import causal_lm_spec, open_session
+        from .evaluate import causal_lm_spec
         from .library import get_library_path, session
 
         self.model_dir = check_model_dir(model_dir)
@@ -161,7 +161,7 @@ class Generator:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise SerqError(f"onnxruntime cannot load {self.model_dir / 'model.onnx'}: "
                             f"{first}") from None
-        self.spec = causal_lm_spec(open_session(self.session))
+        self.spec = causal_lm_spec(self.session)
         self.tokenizer = load_tokenizer(self.model_dir, "serving")
         config = _read_json(self.model_dir / "config.json")
         ctx = config.get("max_position_embeddings")

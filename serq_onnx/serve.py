@@ -116,6 +116,18 @@ class CompletionServer:
         return JSONResponse(body, status_code=status, headers={REPLICA_HEADER: self.replica})
 
 
+def _check_options(replicas: int, cpus_per_replica: float, max_ongoing_requests: int,
+                   threads: int) -> None:
+    if replicas < 1:
+        raise SerqError(f"--replicas must be >= 1, got {replicas}")
+    if cpus_per_replica < 0:
+        raise SerqError(f"--cpus-per-replica must be >= 0, got {cpus_per_replica}")
+    if max_ongoing_requests < 1:
+        raise SerqError(f"--max-ongoing-requests must be >= 1, got {max_ongoing_requests}")
+    if threads < 0:
+        raise SerqError(f"--threads must be >= 0 (0: onnxruntime's default), got {threads}")
+
+
 def build_app(model_dir: str | os.PathLike, *, replicas: int = 1, model_name: str | None = None,
               threads: int = 0, cpus_per_replica: float = 1.0, max_ongoing_requests: int = 4,
               library: str | None = None) -> Any:
@@ -123,6 +135,7 @@ def build_app(model_dir: str | os.PathLike, *, replicas: int = 1, model_name: st
 
     ``library``: the op library path the replicas use (default: ``$SERQ_ONNX_LIBRARY`` when
     set, else each replica's installed copy); it is passed to them as ``SERQ_ONNX_LIBRARY``."""
+    _check_options(replicas, cpus_per_replica, max_ongoing_requests, threads)
     _, serve = _import_ray()
     from .generate import check_model_dir
 
@@ -138,6 +151,28 @@ def build_app(model_dir: str | os.PathLike, *, replicas: int = 1, model_name: st
                                   max_ongoing_requests=max_ongoing_requests,
                                   max_constructor_retry_count=CONSTRUCTOR_RETRIES)
     return deployment.bind(str(folder), model_name or folder.name, threads)
+
+
+_BUILDER_ARGS = {"model_dir": str, "replicas": int, "model_name": str, "threads": int,
+                 "cpus_per_replica": float, "max_ongoing_requests": int, "library": str}
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """Ray Serve's application builder, for deploying with Ray's own tools:
+    ``serve run serq_onnx.serve:app_builder model_dir=out/ replicas=2`` (or a Serve config
+    file with ``import_path: serq_onnx.serve:app_builder``). Keys: those of :func:`build_app`,
+    with ``model_dir`` required."""
+    unknown = sorted(set(args) - set(_BUILDER_ARGS))
+    if unknown:
+        raise SerqError(f"unknown argument(s) {', '.join(unknown)}; serq-onnx's application "
+                        f"takes {', '.join(_BUILDER_ARGS)}")
+    if "model_dir" not in args:
+        raise SerqError("model_dir=<converted model folder> is required")
+    try:
+        kw = {k: _BUILDER_ARGS[k](v) for k, v in args.items()}
+    except ValueError as err:
+        raise SerqError(f"bad argument value: {err}") from None
+    return build_app(kw.pop("model_dir"), **kw)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -276,14 +311,7 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
     before. See :func:`build_app` for the rest."""
     from .generate import check_model_dir
 
-    if replicas < 1:
-        raise SerqError(f"--replicas must be >= 1, got {replicas}")
-    if cpus_per_replica < 0:
-        raise SerqError(f"--cpus-per-replica must be >= 0, got {cpus_per_replica}")
-    if max_ongoing_requests < 1:
-        raise SerqError(f"--max-ongoing-requests must be >= 1, got {max_ongoing_requests}")
-    if threads < 0:
-        raise SerqError(f"--threads must be >= 0 (0: onnxruntime's default), got {threads}")
+    _check_options(replicas, cpus_per_replica, max_ongoing_requests, threads)
     if not 0 < port < 65536:
         raise SerqError(f"--port must be in 1..65535, got {port}")
     folder = check_model_dir(model_dir)

@@ -152,6 +152,7 @@ def write_repo(model_dir: str | os.PathLike, repo: str | os.PathLike, *,
     Other models in ``repo`` are left alone."""
     from .library import LIBRARY_NAME, get_library_path
 
+    _model_config_pb2()  # the extra is missing: say so before anything is written
     src = Path(model_dir).expanduser()
     if not (src / "model.onnx").is_file():
         raise SerqError(f"no model.onnx in {model_dir}; pass the output folder of "

@@ -182,6 +182,27 @@ def test_unreachable_ray_address_fails_fast(served_dir):
     assert time.perf_counter() - t0 < 15
 
 
+def test_app_builder_for_rays_own_tools(served_dir):
+    pytest.importorskip("ray", reason="the serve extra (ray[serve]) is not installed")
+    from serq_onnx.serve import app_builder
+
+    app = app_builder({"model_dir": str(served_dir), "replicas": "3", "threads": "1"})
+    d = app._bound_deployment  # what `serve run serq_onnx.serve:app_builder ...` deploys
+    assert d.num_replicas == 3 and d.init_args == (str(served_dir.resolve()), served_dir.name, 1)
+    with pytest.raises(SerqError, match="unknown argument"):
+        app_builder({"model_dir": str(served_dir), "replica": "2"})
+    with pytest.raises(SerqError, match="--replicas must be >= 1"):
+        app_builder({"model_dir": str(served_dir), "replicas": "0"})
+
+
+def test_without_ray_a_clear_error(served_dir, monkeypatch):
+    from serq_onnx import serve
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the serve extra were not installed
+    with pytest.raises(SerqError, match=r"pip install 'serq-onnx\[serve\]'"):
+        serve.start(served_dir)
+
+
 # --- Ray Serve ------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -385,6 +406,7 @@ def _cli(*args: str, timeout: float = 120, env: dict | None = None
 
 
 def test_cli_errors(served_dir, tmp_path):
+    pytest.importorskip("ray", reason="the serve extra (ray[serve]) is not installed")
     proc = _cli("serve", str(tmp_path))
     assert proc.returncode == 2 and "no model.onnx" in proc.stderr and "Traceback" not in \
         proc.stderr

@@ -137,6 +137,35 @@ def test_errors_and_overwrite(converted, tmp_path):
     assert (repo / "mine" / "keep.txt").read_text() == "x"
 
 
+def test_fp16_and_fixed_dims(tmp_path):
+    """Types and dims come from the graph: float16 as TYPE_FP16, fixed dims kept, names
+    (symbolic) as -1."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    h = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT16,
+                                      ["batch", 2, "past", 8])
+    y = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT16,
+                                      ["batch", 2, "past", 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["past_key_values.0.key"],
+                                                ["present.0.key"])], "g", [x, h], [y])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    config = _load(write_repo(folder, tmp_path / "repo") / "config.pbtxt")
+    assert [(t.name, pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
+        ("input_ids", "TYPE_INT64", [-1, -1]),
+        ("past_key_values.0.key", "TYPE_FP16", [-1, 2, -1, 8])]
+    assert pb2.DataType.Name(config.output[0].data_type) == "TYPE_FP16"
+
+
+def test_without_tritonclient_a_clear_error(converted, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
+    with pytest.raises(SerqError, match=r"pip install 'serq-onnx\[triton\]'"):
+        write_repo(converted, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
 @pytest.mark.parametrize("text,words", [
     ('name: "m" backend: "onnxruntime" input { name: "x" data_type: TYPE_NOPE dims: [1] }',
      "does not parse"),
