@@ -353,7 +353,7 @@ def start(model_dir: str | os.PathLike, *, replicas: int = 1, host: str = "127.0
     return server
 
 
-def serve_forever(server: Server, poll_s: float = 2.0) -> None:
+def serve_forever(server: Server, poll_s: float = 0.5) -> None:
     """Block until interrupted, printing a line whenever replicas die or the application's
     status changes; a lost cluster is a SerqError."""
     _, serve = _import_ray()
@@ -371,10 +371,12 @@ def serve_forever(server: Server, poll_s: float = 2.0) -> None:
         running = sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
         if running < last_running:
             print(f"serq-onnx: {last_running - running} replica(s) died; Ray Serve is "
-                  "starting new ones (requests they held got HTTP 500)", file=sys.stderr)
+                  "starting new ones (requests in flight on them failed with HTTP 500)",
+                  file=sys.stderr, flush=True)
         if app.status != last_status:
             print(f"serq-onnx: application {app.status}"
-                  + (f": {_replica_error(app.message)}" if app.message else ""), file=sys.stderr)
+                  + (f": {_replica_error(app.message)}" if app.message else ""), file=sys.stderr,
+                  flush=True)
         last_status, last_running = app.status, running
 
 
