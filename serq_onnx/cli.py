@@ -363,6 +363,114 @@ def _genai_config(args) -> int:
     return 0
 
 
+# --- serving: serve (Ray Serve) and triton-repo (a Triton model repository) ---------------------
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a converted model with Ray Serve (OpenAI-style API)",
+                       description="Serve a converted model folder with Ray Serve: POST "
+                       "/v1/completions (OpenAI completions), GET /v1/models, GET /health; every "
+                       "replica opens the model with the op library registered. Needs the serve "
+                       "extra (pip install 'serq-onnx[serve]'). Ctrl-C stops.")
+    p.add_argument("model_dir", type=Path, help="output folder of serq-onnx convert")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
+                   "default: start a local Ray instance")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (default: all of this machine)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads per replica (default 0: onnxruntime's "
+                   "default)")
+    p.add_argument("--max-ongoing-requests", type=int, default=4,
+                   help="requests one replica works on at once; more wait in Serve's queue "
+                   "(default 4)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the "
+                   "folder's name)")
+    p.add_argument("--library-path", default=None, metavar="PATH",
+                   help="the op library as the replicas' machines see it (default: "
+                   "$SERQ_ONNX_LIBRARY, else each replica's installed copy)")
+    p.add_argument("--route-prefix", default="/",
+                   help="URL prefix of the routes, to tell models apart on one Serve instance "
+                   "(default /)")
+    p.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds to wait for every replica to load the model (default 300)")
+    p.add_argument("--json", action="store_true",
+                   help="once serving, print one JSON object (url, model, replicas, Ray "
+                   "address) on stdout instead of the text line; logs go to stderr; on failure "
+                   "the object is {\"error\": ..., \"exit_code\": ...} (default: text)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from . import serve
+
+    server = serve.start(args.model_dir, replicas=args.replicas, host=args.host, port=args.port,
+                         ray_address=args.ray_address, num_cpus=args.num_cpus,
+                         cpus_per_replica=args.cpus_per_replica, threads=args.threads,
+                         model_name=args.model_name,
+                         max_ongoing_requests=args.max_ongoing_requests,
+                         library=args.library_path, start_timeout=args.start_timeout,
+                         route_prefix=args.route_prefix)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # Ray's core worker installed its own
+    try:
+        _emit(args, f"serving {args.model_dir} at {server.url}/v1/completions "
+              f"({args.replicas} replica{'s' if args.replicas != 1 else ''}, Ray cluster at "
+              f"{server.ray_address or 'unknown'}); Ctrl-C stops",
+              {"url": f"{server.url}/v1/completions", "model_dir": str(args.model_dir),
+               "replicas": args.replicas, "ray_address": server.ray_address})
+        sys.stdout.flush()
+        serve.serve_forever(server)
+    finally:
+        server.stop()
+    return 0
+
+
+def _add_triton_repo(sub) -> None:
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository",
+                       description="Write REPO/<name>/ for Triton's onnxruntime backend: "
+                       "config.pbtxt (checked against Triton's model-config schema), 1/model.onnx "
+                       "and the op library, named by model_operations. Needs the triton extra "
+                       "(pip install 'serq-onnx[triton]').")
+    p.add_argument("model_dir", type=Path, help="output folder of serq-onnx convert")
+    p.add_argument("repo", type=Path, help="model repository folder (created if missing; "
+                   "other models in it are left alone)")
+    p.add_argument("--model-name", default=None,
+                   help="the model's folder and name in the repository (default: the model "
+                   "folder's name)")
+    p.add_argument("--library-path", default=None, metavar="PATH",
+                   help="op_library_filename as the server sees it, e.g. inside its container "
+                   "(default: the absolute path of the copy written into REPO/<name>/)")
+    p.add_argument("--kind", default="cpu", choices=["cpu", "gpu"],
+                   help="instance_group kind: KIND_CPU or KIND_GPU (default cpu)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances in the instance group (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing REPO/<name> written by this command")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(func=_triton_repo)
+
+
+def _triton_repo(args) -> int:
+    from .triton_repo import write_repo
+
+    target = write_repo(args.model_dir, args.repo, model_name=args.model_name,
+                        library_path=args.library_path, kind=args.kind,
+                        instances=args.instances, overwrite=args.overwrite)
+    _emit(args, f"wrote {target} (serve it with: tritonserver --model-repository={target.parent})",
+          {"model_folder": str(target), "repository": str(target.parent),
+           "config": str(target / "config.pbtxt")})
+    return 0
+
+# --- end of serving --------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -375,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nbits(sub)
     _add_bench(sub)
     _add_genai_config(sub)
+    _add_serve(sub)
+    _add_triton_repo(sub)
     return parser
 
 

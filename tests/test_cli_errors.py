@@ -207,7 +207,8 @@ def test_every_option_names_its_default_and_version_prints():
             if a.option_strings and not flag and not a.required and "default" not in (a.help or ""):
                 missing.append((name, a.option_strings[0]))
     assert not missing
-    assert set(sub.choices) == {"convert", "inspect", "eval", "nbits", "bench", "genai-config"}
+    assert set(sub.choices) == {"convert", "inspect", "eval", "nbits", "bench", "genai-config",
+                                "serve", "triton-repo"}
     assert all(c in parser.description for c in ("SerqMatMul", "onnxruntime"))
     assert "``" not in parser.format_help()
     proc = _cli("--version")
