@@ -62,10 +62,11 @@ endif
 
 # make bench-cpu: every figure of models/RESULTS-cpu.md (per layer, whole model against float32,
 # MatMulNBits, dynamic int8 and llama.cpp, the decode profile, perplexities) into models/cpu-bench/.
-# llama-cpp-python (the llamacpp extra) compiles llama.cpp on its first install.
+# llama-cpp-python (the llamacpp extra) compiles llama.cpp on its first install, for this CPU's
+# instruction sets without AMX (scripts/llamacpp_cmake_args.sh says why).
 .PHONY: bench-cpu
 bench-cpu: setup
-	$(PIP) install "llama-cpp-python>=0.3.30"
+	CMAKE_ARGS="$$(bash scripts/llamacpp_cmake_args.sh)" $(PIP) install --no-binary llama-cpp-python "llama-cpp-python>=0.3.30"
 	$(BIN)/python scripts/cpu_bench.py --cache $(CACHE)
 
 .PHONY: sanitize fuzz
