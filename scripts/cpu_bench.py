@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", default="all", help="per-layer shapes (default: all)")
     ap.add_argument("--seconds", default="0.3", help="per-layer timing per case (default 0.3)")
     ap.add_argument("--reps", default="5", help="whole-model repetitions (default 5)")
+    ap.add_argument("--keep-layers", action="store_true",
+                    help="reuse --out's layers.json instead of timing the layers again (default: "
+                    "time them)")
     args = ap.parse_args(argv)
     from serq_onnx import data  # the installed package: it carries the op library
     from serq_onnx.converter import convert
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.txt"
-    log.write_text("")
+    if not (args.keep_layers and (out / "layers.json").is_file()):
+        log.write_text("")
     os.environ["SERQ_CACHE"] = str(cache)
 
     hf_dir = data.smollm2_hf_dir(cache)
@@ -97,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     py = sys.executable
     cli = [py, "-m", "serq_onnx.cli"]
-    _run(cli + ["bench", "-q", "--suite", args.suite, "--seconds", args.seconds, "--json",
-                out / "layers.json", "--plot", out / "layers.png", "--markdown"], log,
-         out / "layers.md")
+    if args.keep_layers and (out / "layers.json").is_file():
+        print(f"== per-layer figures kept from {out / 'layers.json'}", flush=True)
+    else:
+        _run(cli + ["bench", "-q", "--suite", args.suite, "--seconds", args.seconds, "--json",
+                    out / "layers.json", "--plot", out / "layers.png", "--markdown"], log,
+             out / "layers.md")
     model_bench = [py, REPO / "benchmarks" / "cpu_model_bench.py", "--serq-w4a8", models["w4a8"],
                    "--serq-w4a4", models["w4a4"], "--float", float_model, "--text",
                    texts["prideprejudice"]]
