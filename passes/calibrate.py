@@ -126,6 +126,7 @@ class CalibratePass(PlanPass):
     When the plan's config asks for GPTQ, also ``group.gram`` (float64 ``[K, K]``, the sum of
     ``x^T x`` over every calibration token, in the input's original channel order) and
     ``group.tokens``. For L2QER, also ``group.absmean`` (per-channel mean ``|x|``).
+    ``runner`` runs the sequences elsewhere (``serq_onnx.distributed``); the sums are the same.
     """
 
     def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True,

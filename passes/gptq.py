@@ -134,7 +134,8 @@ class GPTQPass(PlanPass):
     A drop-in for ``QuantizeWeightsPass`` when ``config.weight_quant == "gptq"``: it needs the
     calibration Gram matrices (``CalibratePass``) and the flattening (``FoldFlatteningPass``).
     Targets of one group share one input, hence one Hessian; they are quantized together (GPTQ
-    treats output columns independently, so this equals quantizing them one by one).
+    treats output columns independently, so this equals quantizing them one by one). Groups
+    are independent: ``mapper`` may run them elsewhere (``serq_onnx.distributed``).
     """
 
     def __init__(self, plan: Plan, progress: bool = True, mapper: GroupMapper | None = None):

@@ -35,8 +35,8 @@ def _add_convert(sub) -> None:
     _add_conversion_options(p)
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run calibration sequences and GPTQ layers on a Ray cluster: HOST:PORT, "
-                   "ray://HOST:PORT, or auto (this machine's running cluster, else a local one "
-                   "started for the conversion); same model as without it; needs "
+                   "ray://HOST:PORT, or auto (a local Ray instance started for the conversion); "
+                   "same model as without it; needs "
                    "'serq-onnx[ray]' (default: off, all in this process)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what inspect prints for these settings and write nothing (the "

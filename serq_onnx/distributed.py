@@ -31,6 +31,7 @@ from . import ray_cluster
 from .errors import SerqError
 
 FLAG = "--ray"
+LOCAL_HINT = "use --ray auto for a local instance"
 # Test hook: "calibrate:I" or "gptq:I" makes the worker running sequence / group I exit at once;
 # "calibrate:I:memory" raises MemoryError there instead.
 FAIL_ENV = "SERQ_ONNX_RAY_FAIL"
@@ -45,7 +46,7 @@ def check_address(address: str | None) -> None:
     if not isinstance(address, str) or not address.strip():
         raise SerqError(f"{FLAG} takes HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
     if address != "auto":
-        ray_cluster.check_reachable(address, flag=FLAG)
+        ray_cluster.check_reachable(address, flag=FLAG, local_hint=LOCAL_HINT)
 
 
 def _fail_hook(stage: str) -> tuple[int, str]:
@@ -153,7 +154,10 @@ class RayCluster:
 
         def cancel(refs: list[Any]) -> None:
             for ref in refs:
-                self.ray.cancel(ref, force=True)
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # already finished, or its node is gone: nothing runs
+                    pass
 
         return self._in_order(submit, jobs, self.workers, "GPTQ group", cancel)
 
@@ -209,10 +213,10 @@ def _failed(label: str, happened: str, hint: str) -> str:
 
 @contextmanager
 def cluster(address: str | None) -> Iterator[RayCluster | None]:
-    """Ray for one conversion (None without ``address``): ``auto`` joins this machine's running
-    cluster (``RAY_ADDRESS`` or ``ray start``) or starts a local one on 127.0.0.1, else the
-    cluster at ``address``. One started here is shut down on exit; an already initialized Ray
-    is used as it is."""
+    """Ray for one conversion (None without ``address``): ``auto`` starts a local instance on
+    127.0.0.1 with every CPU (never joining another one that happens to run here), shut down
+    on exit; else the cluster at ``address``. Where this process has Ray initialized already,
+    that is used as it is."""
     if address is None:
         yield None
         return
@@ -220,7 +224,9 @@ def cluster(address: str | None) -> Iterator[RayCluster | None]:
     if address == "auto":
         ray_cluster.keep_local_on_loopback()
     ray = ray_cluster.import_ray("convert --ray", "ray")
-    started = ray_cluster.connect(ray, None if address == "auto" else address, None, flag=FLAG)
+    started = not ray.is_initialized()
+    ray_cluster.connect(ray, "local" if address == "auto" else address, None, flag=FLAG,
+                        local_hint=LOCAL_HINT)
     c = RayCluster(ray, started)
     try:
         c.check_workers()

@@ -33,7 +33,8 @@ def keep_local_on_loopback() -> None:
         os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
-def check_reachable(address: str, timeout: float = 5.0, flag: str = "--ray-address") -> None:
+def check_reachable(address: str, timeout: float = 5.0, flag: str = "--ray-address",
+                    local_hint: str = "leave out --ray-address to start a local one") -> None:
     """A quick TCP check of ``host:port`` or ``ray://host:port`` before Ray tries (and retries)
     for a minute; ``auto`` and other forms are left to Ray."""
     target = address[len("ray://"):] if address.startswith("ray://") else address
@@ -46,32 +47,35 @@ def check_reachable(address: str, timeout: float = 5.0, flag: str = "--ray-addre
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as err:
         raise SerqError(f"cannot reach a Ray cluster at {address} ({err.strerror or err}); "
-                        f"start one with `ray start --head` there, check the address, or leave "
-                        f"out {flag} to start a local one") from None
+                        f"start one with `ray start --head` there, check the address, or "
+                        f"{local_hint}") from None
 
 
 def connect(ray: Any, address: str | None, num_cpus: int | None,
-            flag: str = "--ray-address") -> bool:
-    """Connect to (or start, ``address`` None) Ray; True when this call started a local
-    instance. Already connected: nothing is done (False)."""
+            flag: str = "--ray-address", **hint: str) -> bool:
+    """Connect to Ray at ``address``, or start a local instance (``"local"``; None: Ray's
+    default, which may join one found on this machine); True when this call started one.
+    Already connected: nothing is done (False). ``hint``: ``local_hint`` of
+    :func:`check_reachable`."""
     if ray.is_initialized():
         return False
+    local = address in (None, "local")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                               "configure_logging": True}
     if address:
-        check_reachable(address, flag=flag)
+        check_reachable(address, flag=flag, **hint)
         kwargs["address"] = address
-    elif num_cpus:
+    if local and num_cpus:
         kwargs["num_cpus"] = num_cpus
     try:
         ray.init(**kwargs)
     except Exception as err:  # ConnectionError, RuntimeError, ...: Ray's own messages
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        where = "a local Ray instance" if local else f"the Ray cluster at {address}"
         hint = ""
-        if address and os.environ.get("RAY_AUTH_MODE") is None:
+        if not local and os.environ.get("RAY_AUTH_MODE") is None:
             hint = ("; if the cluster uses token authentication (Ray's default for clusters "
                     "that ray.init starts), set RAY_AUTH_MODE=token, with the token in "
                     "~/.ray/auth_token or RAY_AUTH_TOKEN")
         raise SerqError(f"cannot connect to {where}: {first}{hint}") from None
-    return not address
+    return local

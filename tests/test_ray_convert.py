@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -71,6 +74,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_cli_auto_starts_local_ray_and_equals_local(tiny_llama, tmp_path):
+    """``serq-onnx convert --ray auto`` starts its own local instance (first in this module,
+    before the fixture's), converts and shuts it down: the same model as without ``--ray``
+    (both calibrated on the same seeded random tokens)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    outs = {}
+    for name, extra in (("ray", ["--ray", "auto"]), ("local", [])):
+        outs[name] = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "serq_onnx.cli", "convert", str(tiny_llama.onnx_path), "-o",
+             str(outs[name]), "--rank", "16", "--group-w", "32", "--group-a", "32",
+             "--calib-samples", "3", "--calib-seqlen", "64", "--no-fuse-attention",
+             "--no-verify", "-q", *extra],
+            capture_output=True, text=True, timeout=240, env=env, cwd=tempfile.gettempdir())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_model(outs["ray"], outs["local"])
+
+
+def test_cli_unreachable_address_one_line(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    address = f"127.0.0.1:{_free_port()}"
+    proc = subprocess.run([sys.executable, "-m", "serq_onnx.cli", "convert",
+                           str(tiny_llama.onnx_path), "-o", str(out), "--ray", address],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serq-onnx: error: cannot reach a Ray "
+                                                  f"cluster at {address}"), proc.stderr
+    assert not out.exists()
 
 
 def test_statistics_bit_equal(local_ray, tiny_llama, calib_ids):
@@ -139,3 +175,4 @@ def test_unreachable_address_fails_fast(tiny_llama, calib_ids, tmp_path):
     with pytest.raises(SerqError, match="--ray 'nohost' is not HOST:PORT"):
         convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids, ray="nohost",
                 **SETTINGS)
+
