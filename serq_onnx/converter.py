@@ -112,8 +112,9 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     decoder linears whose label (``layers.3.mlp.down_proj``, as in the report) or node name it
     matches (``re.search``) are converted, the others stay float (``layers_left_float``); None
     converts every one. The LM head follows ``lm_head`` alone. ``ray``: a Ray cluster's
-    address, or ``"auto"`` (a local instance started for the conversion): calibration sequences and GPTQ groups run on its workers, giving the same
-    model as one process (``serq_onnx.distributed``); None (the default) runs them here.
+    address, or ``"auto"`` (a local instance started for the conversion): calibration
+    sequences and GPTQ groups run on its workers, giving the same model as one process
+    (``serq_onnx.distributed``); None (the default) runs them here.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
