@@ -145,8 +145,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ctx.sequences, ctx.check_sequences = sequences, check_seqs
     if config.needs_calibration:
         timings["calibration"] = 0.0  # listed first even when it fails fast
-    uses_ray = config.needs_calibration or config.weight_quant == "gptq"  # else nothing to share
-    with distributed.cluster(ray if uses_ray else None) as cluster:
+    # Without calibration (so without GPTQ) there is nothing to share out.
+    with distributed.cluster(ray if config.needs_calibration else None) as cluster:
         if cluster is not None:
             ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
         pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
