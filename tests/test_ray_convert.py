@@ -154,7 +154,11 @@ def test_worker_failure_clear_error_no_output_rerun_equal(local_ray, tiny_llama,
     stage, index = fail.split(":")[:2]
     what = {"calibrate": "calibration sequence", "gptq": "GPTQ group"}[stage]
     happened = "ran out of memory" if fail.endswith("memory") else "lost its Ray worker"
-    with pytest.raises(SerqError, match=f"{what} {index}.* {happened}.*nothing was written"):
+    if stage == "calibrate":
+        # The actor that exits may take the reply of its previous sequence with it (sequence
+        # 1: 2 actors, dealt round robin); either is named, whichever the driver waits on.
+        index = f"({int(index) - 2}|{index})"
+    with pytest.raises(SerqError, match=f"{what} {index}\\b.* {happened}.*nothing was written"):
         convert(tiny_llama.onnx_path, out, calib_ids=calib_ids, ray="auto", **SETTINGS)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder left either
