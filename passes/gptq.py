@@ -12,6 +12,9 @@ or the least-error search), so the codes and scales satisfy the op contract unch
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
@@ -100,18 +103,45 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
     return codes, scales
 
 
+@dataclass(frozen=True)
+class GPTQJob:
+    """One group's GPTQ: everything :func:`gptq_quantize` needs, nothing of the graph (so it
+    can run in another process)."""
+
+    name: str
+    w: np.ndarray
+    hessian: np.ndarray
+    bits: int
+    group: int
+    damp: float
+    search: bool
+
+
+def run_job(job: GPTQJob) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, scales)`` of one group."""
+    return gptq_quantize(job.w, job.hessian, job.bits, job.group, damp=job.damp,
+                         search=job.search)
+
+
+# (run_job, jobs) -> each job's result, in order: the built-in map, or one over other processes.
+GroupMapper = Callable[[Callable[[GPTQJob], tuple[np.ndarray, np.ndarray]], Iterable[GPTQJob]],
+                       Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
 class GPTQPass(PlanPass):
     """Quantize every residual main weight with GPTQ and pack the op inputs.
 
     A drop-in for ``QuantizeWeightsPass`` when ``config.weight_quant == "gptq"``: it needs the
     calibration Gram matrices (``CalibratePass``) and the flattening (``FoldFlatteningPass``).
     Targets of one group share one input, hence one Hessian; they are quantized together (GPTQ
-    treats output columns independently, so this equals quantizing them one by one).
+    treats output columns independently, so this equals quantizing them one by one). Groups
+    are independent: ``mapper`` may run them elsewhere (``serq_onnx.distributed``).
     """
 
-    def __init__(self, plan: Plan, progress: bool = True):
+    def __init__(self, plan: Plan, progress: bool = True, mapper: GroupMapper | None = None):
         super().__init__(plan)
         self.progress = progress
+        self.mapper = mapper  # None: the built-in map, group after group in this process
 
     def requires(self, model: ir.Model) -> None:
         """Calibration Gram matrices (CalibratePass with weight_quant gptq), scales and order
@@ -124,14 +154,16 @@ class GPTQPass(PlanPass):
                           "weight_quant 'gptq' first")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = self.plan.groups
+        jobs = (self._job(g) for g in groups)  # lazily: one Hessian at a time with map
         with tqdm(total=len(self.plan.targets), desc="GPTQ", unit="layer",
                   disable=not self.progress) as bar:
-            for group in self.plan.groups:
-                self._quantize_group(group)
+            for group, (codes, scales) in zip(groups, (self.mapper or map)(run_job, jobs)):
+                self._pack(group, codes, scales)
                 bar.update(len(group.targets))
         return ir.passes.PassResult(model, modified=False)
 
-    def _quantize_group(self, group: InputGroup) -> None:
+    def _job(self, group: InputGroup) -> GPTQJob:
         cfg = self.plan.config
         if group.gram is None or group.s is None or group.perm is None:
             raise SerqError(f"GPTQ for {group.name} needs calibration Gram matrices and the "
@@ -141,8 +173,11 @@ class GPTQPass(PlanPass):
         bits_w = {t.layer_bits(cfg)[0] for t in group.targets}
         if len(bits_w) != 1:
             raise SerqError(f"{group.name}: layers reading one input must share weight bits")
-        codes, scales = gptq_quantize(w, hessian, bits_w.pop(), cfg.group_w, damp=cfg.gptq_damp,
-                                      search=cfg.weight_scale == "mse")
+        return GPTQJob(group.name, w, hessian, bits_w.pop(), cfg.group_w, cfg.gptq_damp,
+                       cfg.weight_scale == "mse")
+
+    def _pack(self, group: InputGroup, codes: np.ndarray, scales: np.ndarray) -> None:
+        cfg = self.plan.config
         start = 0
         for t in group.targets:
             cols = slice(start, start + t.N)

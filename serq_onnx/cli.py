@@ -33,6 +33,11 @@ def _add_convert(sub) -> None:
     p.add_argument("model", type=Path, help="model.onnx of an Optimum export")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     _add_conversion_options(p)
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run calibration sequences and GPTQ layers on a Ray cluster: HOST:PORT, "
+                   "ray://HOST:PORT, or auto (a local Ray instance started for the conversion); "
+                   "same model as without it; needs "
+                   "'serq-onnx[ray]' (default: off, all in this process)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what inspect prints for these settings and write nothing (the "
                    "output folder is checked, not created; default: off)")
@@ -150,7 +155,7 @@ def _convert(args) -> int:
     from .converter import convert
 
     report = convert(args.model, args.output, progress=not args.quiet, log=_log(args),
-                     **_conversion_kwargs(args))
+                     ray=args.ray, **_conversion_kwargs(args))
     _emit(args, report.summary(), asdict(report))
     return 0
 

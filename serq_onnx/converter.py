@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, genai, output_dir, pipeline, verify as checks
+from . import calibration, distributed, genai, output_dir, pipeline, verify as checks
 from .cache_dims import pin_cache_dims
 from .errors import SerqError
 from .modelio import load_model, model_nbytes
@@ -89,7 +89,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
             smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
-            layers: str | None = None, log=print) -> ConversionReport:
+            layers: str | None = None, ray: str | None = None, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -111,7 +111,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     stays as exported, and the report says why. ``layers``: a regular expression; only the
     decoder linears whose label (``layers.3.mlp.down_proj``, as in the report) or node name it
     matches (``re.search``) are converted, the others stay float (``layers_left_float``); None
-    converts every one. The LM head follows ``lm_head`` alone.
+    converts every one. The LM head follows ``lm_head`` alone. ``ray``: a Ray cluster's
+    address, or ``"auto"`` (a local instance started for the conversion): calibration
+    sequences and GPTQ groups run on its workers, giving the same model as one process
+    (``serq_onnx.distributed``); None (the default) runs them here.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -121,6 +124,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, out_dir = check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                        overwrite, calib_ids is not None)
+    distributed.check_address(ray)
 
     ir_model = load_model(model_path)
     pin_cache_dims(ir_model)
@@ -141,8 +145,12 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ctx.sequences, ctx.check_sequences = sequences, check_seqs
     if config.needs_calibration:
         timings["calibration"] = 0.0  # listed first even when it fails fast
-    pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
-                 timings)
+    # Without calibration (so without GPTQ) there is nothing to share out.
+    with distributed.cluster(ray if config.needs_calibration else None) as cluster:
+        if cluster is not None:
+            ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
+        pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
+                     timings)
     verify_fold = ctx.ran.get("verify_fold")
     fold_check = str(verify_fold.result) if verify_fold else "skipped (no flattening)"
 

@@ -48,6 +48,9 @@ class Context:
     check_sequences: Sequence[np.ndarray] = ()
     progress: bool = True
     ran: dict[str, ir.passes.PassBase] = field(default_factory=dict)  # step name -> its pass
+    # Where calibration sequences and GPTQ groups run (None: this process; see distributed.py).
+    calib_runner: Callable | None = None
+    group_mapper: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ STEPS: tuple[Step, ...] = (
          "L2QER) from the float model on the calibration tokens", "calibration",
          "the method flattens, is l2qer, or the main weight is GPTQ",
          lambda c, o: c.needs_calibration,
-         lambda ctx: _p("CalibratePass")(ctx.plan, ctx.sequences, progress=ctx.progress)),
+         lambda ctx: _p("CalibratePass")(ctx.plan, ctx.sequences, progress=ctx.progress,
+                                         runner=ctx.calib_runner)),
     Step("fold_flattening", "FoldFlatteningPass", "", "folding", "always", _always,
          lambda ctx: _p("FoldFlatteningPass")(ctx.plan)),
     Step("permute_weights", "PermuteWeightsPass",
@@ -144,7 +148,8 @@ STEPS: tuple[Step, ...] = (
     Step("gptq", "GPTQPass",
          "main weight rounded with GPTQ against the calibration Hessian, packed as op inputs",
          "gptq", "weight_quant gptq", lambda c, o: c.weight_quant == "gptq",
-         lambda ctx: _p("GPTQPass")(ctx.plan, progress=ctx.progress)),
+         lambda ctx: _p("GPTQPass")(ctx.plan, progress=ctx.progress,
+                                    mapper=ctx.group_mapper)),
     Step("quantize", "QuantizeWeightsPass",
          "main weight rounded to nearest, packed as op inputs", "quantization",
          "weight_quant rtn", lambda c, o: c.weight_quant == "rtn",

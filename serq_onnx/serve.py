@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SerqError
+from .ray_cluster import LOOPBACK_ENV, connect as _connect
 
 APP_PREFIX = "serq-onnx-"  # Serve application names: this prefix and the model name
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps every address on 127.0.0.1
 DEFAULT_PORT = 8000
 CONSTRUCTOR_RETRIES = 1  # a model that fails to load fails the same way again: report it
 REPLICA_HEADER = "x-serq-replica"
@@ -175,23 +175,6 @@ def app_builder(args: dict[str, str]) -> Any:
     return build_app(kw.pop("model_dir"), **kw)
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A quick TCP check of ``host:port`` or ``ray://host:port`` before Ray tries (and retries)
-    for a minute; ``auto`` and other forms are left to Ray."""
-    target = address[len("ray://"):] if address.startswith("ray://") else address
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        if address in ("auto", "local"):
-            return
-        raise SerqError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise SerqError(f"cannot reach a Ray cluster at {address} ({err.strerror or err}); "
-                        "start one with `ray start --head` there, check the address, or leave "
-                        "out --ray-address to start a local one") from None
-
-
 def _check_port_free(host: str, port: int) -> None:
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -200,31 +183,6 @@ def _check_port_free(host: str, port: int) -> None:
     except OSError as err:
         raise SerqError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose "
                         "another --port or --host") from None
-
-
-def _connect(ray: Any, address: str | None, num_cpus: int | None) -> bool:
-    """Connect to (or start) Ray; True when this call started a local instance."""
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                              "configure_logging": True}
-    if address:
-        _check_reachable(address)
-        kwargs["address"] = address
-    elif num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    try:
-        ray.init(**kwargs)
-    except Exception as err:  # ConnectionError, RuntimeError, ...: Ray's own messages
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        hint = ""
-        if address and os.environ.get("RAY_AUTH_MODE") is None:
-            hint = ("; if the cluster uses token authentication (Ray's default for clusters "
-                    "that ray.init starts), set RAY_AUTH_MODE=token, with the token in "
-                    "~/.ray/auth_token or RAY_AUTH_TOKEN")
-        raise SerqError(f"cannot connect to {where}: {first}{hint}") from None
-    return not address
 
 
 def _replica_error(message: str) -> str:
