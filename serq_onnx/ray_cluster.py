@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import SerqError
@@ -51,6 +54,20 @@ def check_reachable(address: str, timeout: float = 5.0, flag: str = "--ray-addre
                         f"{local_hint}") from None
 
 
+@contextmanager
+def neutral_cwd() -> Iterator[None]:
+    """Run ``ray.init`` from the temporary folder: Ray puts the driver's working directory first
+    on every worker's ``sys.path``, and from a source checkout of serq-onnx that directory's
+    ``serq_onnx/`` (which gains ``passes/`` and the op library only when installed) would
+    shadow the installed package in the workers."""
+    old = os.getcwd()
+    os.chdir(tempfile.gettempdir())
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def connect(ray: Any, address: str | None, num_cpus: int | None,
             flag: str = "--ray-address", **hint: str) -> bool:
     """Connect to Ray at ``address``, or start a local instance (``"local"``; None: Ray's
@@ -68,7 +85,8 @@ def connect(ray: Any, address: str | None, num_cpus: int | None,
     if local and num_cpus:
         kwargs["num_cpus"] = num_cpus
     try:
-        ray.init(**kwargs)
+        with neutral_cwd():
+            ray.init(**kwargs)
     except Exception as err:  # ConnectionError, RuntimeError, ...: Ray's own messages
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         where = "a local Ray instance" if local else f"the Ray cluster at {address}"

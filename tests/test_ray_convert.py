@@ -35,7 +35,10 @@ def local_ray():
     if ray.is_initialized():
         ray.shutdown()
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from serq_onnx.ray_cluster import neutral_cwd
+
+    with neutral_cwd():  # as convert --ray starts Ray: workers import the installed package
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     print(f"\nlocal Ray started in {time.perf_counter() - t0:.1f} s")
     yield ray
     ray.shutdown()
