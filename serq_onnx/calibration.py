@@ -9,6 +9,12 @@ import numpy as np
 
 from .errors import SerqError
 
+# Default calibration size (sequences x tokens each), chosen from the perplexity-against-size
+# curve of models/RESULTS-scale.md: past this point more tokens buy no measurable perplexity
+# but cost conversion time in proportion (and, for GPTQ, Gram matrix time).
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQLEN = 512
+
 
 def load_tokenizer(model_dir: str | os.PathLike, purpose: str = "calibration"):
     """The ``tokenizers`` tokenizer saved beside an Optimum export (tokenizer.json).

@@ -263,8 +263,8 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
 
 def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int = 128,
                   group_w: int = 128, group_a: int | None = None, method: str = "serq",
-                  calib: str | os.PathLike | None = None, calib_samples: int = 128,
-                  calib_seqlen: int = 2048, weight_quant: str | None = None,
+                  calib: str | os.PathLike | None = None, calib_samples: int = calibration.DEFAULT_SAMPLES,
+                  calib_seqlen: int = calibration.DEFAULT_SEQLEN, weight_quant: str | None = None,
                   weight_scale: str | None = None, fuse: bool = True, verify: bool = True,
                   smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
                   output: str | os.PathLike | None = None, overwrite: bool = False,

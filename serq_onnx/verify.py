@@ -159,10 +159,10 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
 def check_logits(float_model: str | os.PathLike, converted: str | os.PathLike,
                  sequences: list[np.ndarray], scheme: str) -> compare.LogitDiff:
     """Compare the logits of the two models on ``sequences``; fail beyond the scheme's bound."""
-    ref = compare.cpu_session(float_model)
-    got = compare.cpu_session(converted, with_ops=True)
-    d = compare.diff(np.concatenate([compare.logits(got, s) for s in sequences], 1),
-                     np.concatenate([compare.logits(ref, s) for s in sequences], 1))
+    # One session at a time, the float one freed before the converted one is built.
+    ref = compare.session_logits(compare.cpu_session(float_model), sequences)
+    d = compare.diff(compare.session_logits(compare.cpu_session(converted, with_ops=True),
+                                            sequences), ref)
     bound = LOGIT_BOUNDS[scheme]
     if not np.isfinite(d.max_abs):
         raise SerqError(f"the converted model produces non-finite logits ({d}); nothing was "
