@@ -1,7 +1,7 @@
 """Peak resident memory and wall time of ``serq-onnx convert`` on one model, with a memory cap.
 
     .venv/bin/python benchmarks/convert_memory.py MODEL.onnx OUT_DIR --calib emma.txt \
-        [--samples 4 --seqlen 256] [--cap-gib 20] [--json result.json] [-- extra convert flags]
+        [--samples 4 --seqlen 256] [--cap-gib 20] [--json result.json] [--extra "--weight-quant rtn"]
 
 Runs the conversion as a child process, samples the resident memory of it and its children
 every 0.2 s (psutil) and kills it when the sum passes ``--cap-gib`` (so a model too big for
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -66,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap-gib", type=float, default=20.0,
                    help="kill the conversion above this resident memory (default 20)")
     p.add_argument("--json", type=Path, default=None, help="also append the result here")
-    p.add_argument("extra", nargs="*", help="further convert flags (after --)")
+    p.add_argument("--extra", default="",
+                   help="further convert flags, one quoted string (default none)")
     args = p.parse_args(argv)
     cmd = [sys.executable, "-m", "serq_onnx.cli", "convert", str(args.model), "-o",
            str(args.out), "--calib", str(args.calib), "--calib-samples", str(args.samples),
-           "--calib-seqlen", str(args.seqlen), "--overwrite", "-q", *args.extra]
+           "--calib-seqlen", str(args.seqlen), "--overwrite", "-q", *shlex.split(args.extra)]
     result = {"model": str(args.model), "model_mib": round(model_bytes(args.model) / 2**20),
               "samples": args.samples, "seqlen": args.seqlen, "extra": args.extra,
               **measure(cmd, int(args.cap_gib * 2**30))}

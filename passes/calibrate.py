@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from serq_onnx.errors import SerqError
 from serq_onnx.evaluate import causal_lm_spec, prefill_feed
-from serq_onnx.modelio import save_model
+from serq_onnx.modelio import save_for_session
 from serq_onnx.plan import Plan
 
 from ._base import PlanPass
@@ -138,7 +138,7 @@ class CalibratePass(PlanPass):
         try:
             with tempfile.TemporaryDirectory(prefix="serq-calib-") as tmp:
                 path = Path(tmp) / "calib.onnx"
-                save_model(model, path)
+                save_for_session(model, path)
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
                 sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from serq_onnx import compare
 from serq_onnx.errors import SerqError
-from serq_onnx.modelio import save_model
+from serq_onnx.modelio import save_for_session
 
 
 class VerifyFoldPass(ir.passes.InPlacePass):
@@ -41,7 +41,7 @@ class VerifyFoldPass(ir.passes.InPlacePass):
         b = compare.session_logits(compare.cpu_session(self.original), self.sequences)
         with tempfile.TemporaryDirectory(prefix="serq-fold-") as tmp:
             path = Path(tmp) / "folded.onnx"
-            save_model(model, path)
+            save_for_session(model, path)
             a = compare.session_logits(compare.cpu_session(path), self.sequences)
         self.result = compare.diff(a, b)
         if not self.result.rel_rms <= self.tolerance:

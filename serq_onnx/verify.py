@@ -25,7 +25,7 @@ import onnx_ir as ir
 from . import compare, reference
 from .errors import SerqError
 from .evaluate import causal_lm_spec
-from .modelio import save_model
+from .modelio import save_for_session
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
     try:
         with tempfile.TemporaryDirectory(prefix="serq-opcheck-") as tmp:
             path = Path(tmp) / "probe.onnx"
-            save_model(model, path)
+            save_for_session(model, path)
             sess = compare.cpu_session(path, with_ops=True)
             names = [o.name for o in sess.get_outputs()]
             from .evaluate import causal_lm_spec, prefill_feed
@@ -230,7 +230,7 @@ def check_attention_fusion(original: str | os.PathLike, fused: ir.Model, vocab: 
     ref = _padded_run(compare.cpu_session(original), vocab, steps)
     with tempfile.TemporaryDirectory(prefix="serq-attention-") as tmp:
         path = Path(tmp) / "fused.onnx"
-        save_model(fused, path)
+        save_for_session(fused, path)
         got = _padded_run(compare.cpu_session(path), vocab, steps)
     scale = max(float(np.abs(r).max()) for r in ref) or 1.0
     rel = max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
