@@ -56,4 +56,13 @@ def save_for_session(model: ir.Model, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     ir.save(model, path, external_data=path.name + ".data")
+    release_external(model)
     return path
+
+
+def release_external(model: ir.Model) -> None:
+    """Unmap the files behind ``model``'s external initializers (each maps again when next
+    read): a save reads every one, and mapped pages count as the process's resident memory."""
+    for v in model.graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value.release()
