@@ -34,7 +34,7 @@ def test_calibration_defaults_are_one_setting_everywhere():
     from serq_onnx.cli import build_parser
 
     want = (calibration.DEFAULT_SAMPLES, calibration.DEFAULT_SEQLEN)
-    assert want == (32, 512)
+    assert want == (64, 512)
     for fn in (converter.convert, inspect_model):
         params = pyinspect.signature(fn).parameters
         assert (params["calib_samples"].default, params["calib_seqlen"].default) == want
