@@ -184,4 +184,4 @@ class GPTQPass(PlanPass):
             start += t.N
             pack_target(t, cfg, np.ascontiguousarray(codes[:, cols]),
                         np.ascontiguousarray(scales[:, cols]))
-        group.gram = None  # K x K float64 per group: free it as soon as it is used
+        group.gram = None  # K x K per group: free it as soon as it is used

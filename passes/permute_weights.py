@@ -9,9 +9,33 @@ import numpy as np
 import onnx_ir as ir
 
 from serq_onnx.errors import SerqError
-from serq_onnx.plan import initializer_array, set_initializer
+from serq_onnx.plan import Target, initializer_array, set_initializer
 
 from ._base import PlanPass
+
+
+def _release(tensor) -> None:
+    """Unmap an external tensor's file (it maps again when next read); no-op otherwise."""
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+
+
+def set_flattened_lazily(t: Target, s: np.ndarray, perm: np.ndarray) -> None:
+    """Make ``t``'s weight ``W^ = (diag(s) W)[perm]`` without holding it: the graph's
+    initializer and ``t.w_hat`` compute it from the original (memory-mapped for external
+    data) each time they are read -- when the fold check saves the model, when the quantizers
+    take it -- so a whole model's flattened float weights are never resident at once."""
+    src = t.weight.const_value
+
+    def flattened() -> np.ndarray:
+        w = src.numpy().astype(np.float32)
+        out = np.ascontiguousarray((s[:, None] * w)[perm])
+        _release(src)
+        return out
+
+    t.w_hat = flattened
+    t.weight.const_value = ir.LazyTensor(lambda: ir.tensor(flattened()), dtype=ir.DataType.FLOAT,
+                                         shape=ir.Shape(src.shape), name=t.weight.name)
 
 
 class PermuteWeightsPass(PlanPass):
@@ -28,6 +52,10 @@ class PermuteWeightsPass(PlanPass):
                 if len(t.weight.uses()) != 1:
                     raise SerqError(f"{t.name}: its weight is shared with other nodes; "
                                     "serq-onnx needs one weight per linear layer")
+                if t.weight.const_value.dtype == ir.DataType.FLOAT:
+                    set_flattened_lazily(t, group.s, group.perm)
+                    continue
+                # FP16: computed now, so that an overflow of FP16 is reported here.
                 w = initializer_array(t.weight).astype(np.float32)
                 t.w_hat = np.ascontiguousarray((group.s[:, None] * w)[group.perm])
                 set_initializer(model.graph, t.weight, t.w_hat)

@@ -65,6 +65,8 @@ def _add_inspect(sub) -> None:
 
 
 def _add_conversion_options(p) -> None:
+    from . import calibration  # numpy only: the defaults live beside the code that uses them
+
     p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"],
                    help="4-bit weights with 8- or 4-bit activations (default w4a8)")
     p.add_argument("--method", default="serq",
@@ -103,10 +105,10 @@ def _add_conversion_options(p) -> None:
     p.add_argument("--calib", type=Path,
                    help="UTF-8 text file for calibration (default: none, random tokens, with a "
                    "warning: accuracy suffers)")
-    p.add_argument("--calib-samples", type=int, default=128,
-                   help="calibration sequences (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=2048,
-                   help="tokens per calibration sequence (default 2048)")
+    p.add_argument("--calib-samples", type=int, default=calibration.DEFAULT_SAMPLES,
+                   help=f"calibration sequences (default {calibration.DEFAULT_SAMPLES})")
+    p.add_argument("--calib-seqlen", type=int, default=calibration.DEFAULT_SEQLEN,
+                   help=f"tokens per calibration sequence (default {calibration.DEFAULT_SEQLEN})")
     p.add_argument("--no-fuse", action="store_true",
                    help="one SerqMatMul per linear layer (default: q/k/v and gate/up, which read "
                    "the same activation, share one node that quantizes it once)")

@@ -41,6 +41,12 @@ def logits(session, ids: np.ndarray) -> np.ndarray:
     return session.run(["logits"], feed)[0].astype(np.float64)
 
 
+def session_logits(session, sequences) -> np.ndarray:
+    """The logits of every sequence, concatenated along the sequence axis; the session is
+    dropped by the caller as soon as this returns (it may hold a whole float model)."""
+    return np.concatenate([logits(session, s) for s in sequences], axis=1)
+
+
 def diff(a: np.ndarray, b: np.ndarray) -> LogitDiff:
     d = a - b
     rms_b = float(np.sqrt(np.mean(b * b))) or 1.0

@@ -42,6 +42,7 @@ class ConversionReport:
     ranks: dict = field(default_factory=dict)  # effective rank -> layers (clamped to K)
     runtime_transforms: dict = field(default_factory=dict)  # why not folded -> groups
     timings: dict = field(default_factory=dict)
+    peak_rss_mib: dict = field(default_factory=dict)  # stage -> process peak RSS after it
     layers_left_float: list = field(default_factory=list)  # not selected by --layers
 
     def summary(self) -> str:
@@ -67,8 +68,16 @@ class ConversionReport:
             f"size: {self.bytes_before / mb:.1f} MiB -> {self.bytes_after / mb:.1f} MiB "
             f"({self.bytes_after / max(self.bytes_before, 1):.1%})",
             f"time: {self.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in self.timings.items())})",
+            *([f"peak memory: {max(self.peak_rss_mib.values()):.0f} MiB (first reached in "
+               f"{_first_peak(self.peak_rss_mib)})"] if self.peak_rss_mib else []),
             f"output: {self.output}",
         ])
+
+
+def _first_peak(rss: dict[str, float]) -> str:
+    """The first stage after which the process's peak resident memory was its final peak."""
+    top = max(rss.values())
+    return next(k for k, v in rss.items() if v >= top)
 
 
 def _dir_size(path: Path) -> int:
@@ -84,8 +93,10 @@ def _vocab_size(model: ir.Model) -> int:
 
 def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str = "w4a8",
             rank: int = 128, group_w: int = 128, group_a: int | None = None, method: str = "serq",
-            calib: str | os.PathLike | None = None, calib_samples: int = 128,
-            calib_seqlen: int = 2048, calib_ids: list[np.ndarray] | None = None,
+            calib: str | os.PathLike | None = None,
+            calib_samples: int = calibration.DEFAULT_SAMPLES,
+            calib_seqlen: int = calibration.DEFAULT_SEQLEN,
+            calib_ids: list[np.ndarray] | None = None,
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
             smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
@@ -118,6 +129,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    rss: dict[str, float] = {}
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers)
@@ -134,6 +146,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     ir_model, attention = _fuse_attention(ir_model, model_path, log) if fuse_attention else (
         ir_model, "as exported (--no-fuse-attention)")
     timings["attention"] = time.perf_counter() - t
+    rss["load, attention"] = round(pipeline.peak_rss_mib(), 1)
     plan, ctx = find_targets(ir_model, model_path, config, options, log, progress)
     config = plan.config
     ranks = _effective_ranks(plan, log)
@@ -150,7 +163,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         if cluster is not None:
             ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
         pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
-                     timings)
+                     timings, rss)
     verify_fold = ctx.ran.get("verify_fold")
     fold_check = str(verify_fold.result) if verify_fold else "skipped (no flattening)"
 
@@ -159,18 +172,21 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         t = time.perf_counter()
         op_check = str(checks.check_ops(ir_model, sequences[0][:checks.OP_CHECK_TOKENS]))
         timings["op check"] = time.perf_counter() - t
+        rss["op check"] = round(pipeline.peak_rss_mib(), 1)
 
     folds, runtime, roles = plan_counts(plan)
 
     t = time.perf_counter()
     with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
         timings["save"] = time.perf_counter() - t
+        rss["save"] = round(pipeline.peak_rss_mib(), 1)
         log(genai.stage_for_conversion(tmp_out, out_model.name))
         verify_msg = "skipped (--no-verify)"
         if verify:
             t = time.perf_counter()
             verify_msg = str(checks.check_logits(model_path, out_model, check_seqs, config.scheme))
             timings["verify"] = time.perf_counter() - t
+            rss["verify"] = round(pipeline.peak_rss_mib(), 1)
         report = ConversionReport(
             model=str(model_path), output=str(out_dir / model_path.name), config=asdict(config),
             layers_converted=len(plan.targets), layers_by_role=roles, folds=folds,
@@ -181,7 +197,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
             attention=attention,
             verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
-            timings=timings, layers_left_float=plan.left_float)
+            timings=timings, peak_rss_mib=rss, layers_left_float=plan.left_float)
         report.seconds = time.perf_counter() - t0
         (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

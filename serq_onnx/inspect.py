@@ -58,11 +58,13 @@ OTHER_S_PER_BYTE = REFERENCE["other_s"] / REFERENCE["model_bytes"]
 # Resident memory of a Python process with numpy, onnx_ir, onnxruntime and tokenizers loaded:
 # the tiny test model's conversion peaks at 154 MiB (its arrays are negligible).
 BASE_RSS = 150 * MIB
-# Peak resident memory over the float model's bytes beyond BASE_RSS and the Gram matrices:
-# 7.2 in a measured round-to-nearest conversion of a 99 MiB model (SmolLM2's layer shapes, 6
-# layers, vocabulary 8192; 860 MiB peak); its GPTQ run peaked at 1010 MiB, this model says
-# 1105 (+9%).
-MODEL_COPIES = 7.2
+# Peak resident memory over the float model's bytes beyond BASE_RSS and the Gram matrices,
+# measured on a synthetic 129 MiB Llama (8 layers of hidden 512, intermediate 2048; round to
+# nearest, 4 x 256 calibration tokens; models/RESULTS-scale.md): 595 MiB peak from one
+# .onnx file (its weights parsed into memory), 390 MiB with external data (memory-mapped,
+# the flattened weights computed when read, onnxruntime sessions one at a time).
+MODEL_COPIES = 3.45
+MODEL_COPIES_EXTERNAL = 1.86
 
 
 @dataclass
@@ -231,7 +233,7 @@ def _forward_flops(plan: Plan, vocab: int) -> float:
 
 
 def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int,
-             verify: bool = True) -> tuple[dict, int]:
+             verify: bool = True, external: bool = False) -> tuple[dict, int]:
     """Seconds per stage and peak resident bytes of the conversion: rates of
     :data:`REFERENCE` (an idle desktop-class CPU) applied to this model's work."""
     cfg = plan.config
@@ -251,20 +253,21 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
             1.0 if cfg.weight_scale == "mse" else ABSMAX_SPEEDUP)
     secs["other"] = bytes_before * OTHER_S_PER_BYTE * (1.0 if verify else 0.5)
     secs["total"] = sum(secs.values())
-    # Peak: MODEL_COPIES times the float model (the loaded graph, its flattened weights, and
-    # onnxruntime sessions with pre-packed weights, two at once while checking the fold), the
-    # logits of one sequence, and for GPTQ the float64 Gram matrix of every group (all kept
-    # until the sweep) plus the float32 set one calibration run returns.
+    # Peak: MODEL_COPIES (MODEL_COPIES_EXTERNAL for a model with external data) times the
+    # float model, the logits of one sequence, and for GPTQ the Gram matrix of every group,
+    # all kept until the sweep: the float32 sums and the float32 set one calibration run
+    # returns (12 bytes per entry measured: 432 MiB over round to nearest for 455 predicted).
     grams = sum(g.K ** 2 for g in plan.groups) * (8 + 4) if cfg.weight_quant == "gptq" else 0
     logits = seqlen * vocab * 4
-    peak = BASE_RSS + MODEL_COPIES * bytes_before + grams + logits
+    copies = MODEL_COPIES_EXTERNAL if external else MODEL_COPIES
+    peak = BASE_RSS + copies * bytes_before + grams + logits
     return secs, int(peak)
 
 
 def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int = 128,
                   group_w: int = 128, group_a: int | None = None, method: str = "serq",
-                  calib: str | os.PathLike | None = None, calib_samples: int = 128,
-                  calib_seqlen: int = 2048, weight_quant: str | None = None,
+                  calib: str | os.PathLike | None = None, calib_samples: int = calibration.DEFAULT_SAMPLES,
+                  calib_seqlen: int = calibration.DEFAULT_SEQLEN, weight_quant: str | None = None,
                   weight_scale: str | None = None, fuse: bool = True, verify: bool = True,
                   smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
                   output: str | os.PathLike | None = None, overwrite: bool = False,
@@ -335,7 +338,8 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
                    folded=list(g.folded), runtime_reason=g.runtime_reason)
               for g in plan.groups]
     size = _estimate_size(ir_model, plan, node_bytes, fuse)
-    secs, peak = estimate(plan, tokens, seqlen, bytes_before, vocab, verify)
+    secs, peak = estimate(plan, tokens, seqlen, bytes_before, vocab, verify,
+                          external=bool(output_dir.external_data_files(ir_model)))
     note = ("an estimate: the rates of a measured SmolLM2-135M conversion on an idle "
             "desktop CPU applied to this model's FLOPs and weights; scale by your machine's "
             "speed")

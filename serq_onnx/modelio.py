@@ -44,3 +44,25 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
         return [path, path.parent / data]
     ir.save(model, path)
     return [path]
+
+
+def save_for_session(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Save a temporary copy of ``model`` for an onnxruntime session, its initializers always
+    in ``<name>.data`` beside it, whatever the size; returns ``path``.
+
+    Written tensor by tensor (no whole-model protobuf in memory), and onnxruntime maps the data
+    file instead of parsing and copying it: measured on a 129 MiB float model, a session on
+    the single-file copy held 1.65x the model's bytes, on the external-data copy 1.07x.
+    """
+    path = Path(path)
+    ir.save(model, path, external_data=path.name + ".data")
+    release_external(model)
+    return path
+
+
+def release_external(model: ir.Model) -> None:
+    """Unmap the files behind ``model``'s external initializers (each maps again when next
+    read): a save reads every one, and mapped pages count as the process's resident memory."""
+    for v in model.graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value.release()

@@ -195,9 +195,23 @@ def describe(config: ConvertConfig, options: Options = Options()) -> list[dict]:
             for s in steps_for(config, options)]
 
 
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, MiB (``getrusage``; 0 where unavailable)."""
+    try:
+        import resource
+        import sys
+    except ImportError:  # not on POSIX
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
 def run(steps: Sequence[Step], model: ir.Model, ctx: Context,
-        timings: dict[str, float] | None = None) -> bool:
-    """Run ``steps`` in order on ``model``; add each step's time to ``timings[step.stage]``.
+        timings: dict[str, float] | None = None,
+        peak_rss: dict[str, float] | None = None) -> bool:
+    """Run ``steps`` in order on ``model``; add each step's time to ``timings[step.stage]``
+    and record the process's peak resident memory after it in ``peak_rss[step.name]`` (MiB:
+    where a conversion's memory goes, for models near the machine's limit).
 
     Returns whether any pass modified the model. A pass's unmet precondition raises
     ``ir.passes.PreconditionError`` naming it; a ``SerqError`` passes through unchanged.
@@ -211,4 +225,6 @@ def run(steps: Sequence[Step], model: ir.Model, ctx: Context,
         modified = pass_(model).modified or modified
         if timings is not None:
             timings[step.stage] = timings.get(step.stage, 0.0) + time.perf_counter() - t
+        if peak_rss is not None:
+            peak_rss[step.name] = round(peak_rss_mib(), 1)
     return modified

@@ -7,6 +7,7 @@ plan carries what is not graph structure: calibration statistics and the quantiz
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,7 +141,8 @@ class Target:
     r_codes: np.ndarray | None = None
     r_scale: np.ndarray | None = None
     residual: np.ndarray | None = None
-    w_hat: np.ndarray | None = None  # float32 flattened, permuted weight (the graph may hold FP16)
+    # float32 flattened, permuted weight (the graph may hold FP16), or a function computing it
+    w_hat: np.ndarray | Callable[[], np.ndarray] | None = None
     bits: tuple[int, int] | None = None  # (bits_w, bits_a) of this layer when not the scheme's
     rank_cap: int | None = None  # largest salient rank this layer takes (lm_head: 0)
     lowrank: tuple[np.ndarray, np.ndarray] | None = None  # l2qer: float A [K, r], B [r, N]
@@ -160,6 +162,8 @@ class Target:
 
     def weight_f32(self) -> np.ndarray:
         """The weight the quantizers start from, in float32."""
+        if callable(self.w_hat):  # computed when read (PermuteWeightsPass, float32 graphs)
+            return self.w_hat()
         if self.w_hat is not None:
             return self.w_hat
         return initializer_array(self.weight).astype(np.float32)

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from . import compare, reference
 from .errors import SerqError
 from .evaluate import causal_lm_spec
-from .modelio import save_model
+from .modelio import save_for_session
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
     try:
         with tempfile.TemporaryDirectory(prefix="serq-opcheck-") as tmp:
             path = Path(tmp) / "probe.onnx"
-            save_model(model, path)
+            save_for_session(model, path)
             sess = compare.cpu_session(path, with_ops=True)
             names = [o.name for o in sess.get_outputs()]
             from .evaluate import causal_lm_spec, prefill_feed
@@ -159,10 +159,10 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
 def check_logits(float_model: str | os.PathLike, converted: str | os.PathLike,
                  sequences: list[np.ndarray], scheme: str) -> compare.LogitDiff:
     """Compare the logits of the two models on ``sequences``; fail beyond the scheme's bound."""
-    ref = compare.cpu_session(float_model)
-    got = compare.cpu_session(converted, with_ops=True)
-    d = compare.diff(np.concatenate([compare.logits(got, s) for s in sequences], 1),
-                     np.concatenate([compare.logits(ref, s) for s in sequences], 1))
+    # One session at a time, the float one freed before the converted one is built.
+    ref = compare.session_logits(compare.cpu_session(float_model), sequences)
+    d = compare.diff(compare.session_logits(compare.cpu_session(converted, with_ops=True),
+                                            sequences), ref)
     bound = LOGIT_BOUNDS[scheme]
     if not np.isfinite(d.max_abs):
         raise SerqError(f"the converted model produces non-finite logits ({d}); nothing was "
@@ -230,7 +230,7 @@ def check_attention_fusion(original: str | os.PathLike, fused: ir.Model, vocab: 
     ref = _padded_run(compare.cpu_session(original), vocab, steps)
     with tempfile.TemporaryDirectory(prefix="serq-attention-") as tmp:
         path = Path(tmp) / "fused.onnx"
-        save_model(fused, path)
+        save_for_session(fused, path)
         got = _padded_run(compare.cpu_session(path), vocab, steps)
     scale = max(float(np.abs(r).max()) for r in ref) or 1.0
     rel = max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale

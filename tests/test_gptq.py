@@ -136,7 +136,7 @@ def test_calibration_gram_matches_torch(tiny_llama):
     hess = calibrate_hessians(hf, [torch.as_tensor(s) for s in seqs])
     assert len(plan.groups) == 2 * 4
     for group in plan.groups:
-        assert group.tokens == 64 and group.gram.dtype == np.float64
+        assert group.tokens == 64 and group.gram.dtype == passes.calibrate.GRAM_DTYPE
         assert group.gram.shape == (group.K, group.K)
         # Unchanged absmax, and each channel's RMS is at most its absmax.
         assert np.all(np.sqrt(np.diag(group.gram) / 64) <= group.absmax * (1 + 1e-5))

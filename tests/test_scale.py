@@ -1,0 +1,141 @@
+"""Conversion at scale: calibration defaults, external-data models, memory accounting, and the
+synthetic-model and calibration-curve scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect as pyinspect
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from serq_onnx import calibration, converter
+from serq_onnx.inspect import inspect_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibration_defaults_are_one_setting_everywhere():
+    """convert(), inspect and the CLI take the calibration size of calibration.DEFAULT_*, the
+    size RESULTS-scale.md chose from its curve."""
+    from serq_onnx.cli import build_parser
+
+    want = (calibration.DEFAULT_SAMPLES, calibration.DEFAULT_SEQLEN)
+    assert want == (64, 512)
+    for fn in (converter.convert, inspect_model):
+        params = pyinspect.signature(fn).parameters
+        assert (params["calib_samples"].default, params["calib_seqlen"].default) == want
+    args = build_parser().parse_args(["convert", "m.onnx", "-o", "out"])
+    assert (args.calib_samples, args.calib_seqlen) == want
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    model = ir.load(path)
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+
+
+def test_external_data_model_converts_bit_for_bit(tiny_llama, tmp_path):
+    """A model whose weights are external data (as every export over 2 GB is) converts to the
+    same SerqMatMul inputs, bit for bit, as the same model in one file, and its output keeps
+    its weights in external data beside it."""
+    src = tiny_llama.onnx_path.parent
+    ext_dir = tmp_path / "ext"
+    shutil.copytree(src, ext_dir)
+    proto = onnx.load(str(src / "model.onnx"))
+    onnx.save_model(proto, str(ext_dir / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    assert (ext_dir / "model.onnx_data").stat().st_size > 100_000
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 300, 64) for _ in range(2)]
+    kw = dict(calib_ids=ids, verify=False, progress=False, log=lambda *_: None)
+    a = converter.convert(src / "model.onnx", tmp_path / "a", **kw)
+    b = converter.convert(ext_dir / "model.onnx", tmp_path / "b", **kw)
+    assert a.serq_nodes == b.serq_nodes > 0
+    assert (tmp_path / "b" / "model.onnx.data").is_file()
+    ia, ib = _initializers(tmp_path / "a" / "model.onnx"), _initializers(tmp_path / "b" /
+                                                                         "model.onnx")
+    assert ia.keys() == ib.keys()
+    for name in ia:
+        assert ia[name].dtype == ib[name].dtype and np.array_equal(ia[name], ib[name]), name
+
+
+def test_report_records_peak_memory_per_stage(tiny_llama, tmp_path):
+    """Each stage's peak resident memory is in the report (never decreasing: it is the
+    process's peak so far) and the summary names the largest."""
+    ids = [np.arange(2, 66) % 300]
+    rep = converter.convert(tiny_llama.onnx_path, tmp_path / "o", calib_ids=ids, verify=False,
+                            progress=False, log=lambda *_: None)
+    rss = rep.peak_rss_mib
+    assert {"load, attention", "calibrate", "verify_fold", "gptq", "save"} <= rss.keys()
+    values = list(rss.values())
+    assert values == sorted(values) and values[0] > 50  # a Python process with onnxruntime
+    assert f"peak memory: {max(values):.0f} MiB" in rep.summary()
+
+
+def test_synthetic_llama_sizes_count_parameters():
+    """The script's parameter formula is transformers' own count (tiny size, no export), and
+    its named sizes are the ~0.5B and ~1.5B the scale measurements need."""
+    pytest.importorskip("torch")
+    mod = _load_script(ROOT / "scripts" / "make_synthetic_llama.py")
+    assert 0.4e9 < mod.param_count(**mod.SIZES["0.5b"]) < 0.6e9
+    assert 1.3e9 < mod.param_count(**mod.SIZES["1.5b"]) < 1.7e9
+    import transformers
+
+    cfg = transformers.LlamaConfig(tie_word_embeddings=False, **mod.SIZES["tiny"])
+    with transformers.modeling_utils.no_init_weights():
+        model = transformers.LlamaForCausalLM(cfg)
+    assert mod.param_count(**mod.SIZES["tiny"]) == model.num_parameters()
+
+
+def test_calib_curve_points_parse():
+    mod = _load_script(ROOT / "benchmarks" / "calib_curve.py")
+    assert mod.parse_points("w4a8:32x512, w4a4:8X2048,") == [("w4a8", 32, 512),
+                                                              ("w4a4", 8, 2048)]
+    table = mod.table([{"scheme": "w4a8", "samples": 8, "seqlen": 512, "tokens": 4096,
+                        "convert_s": 61.0, "timings": {"calibration": 20.0}, "ppl": 23.5}])
+    assert "| w4a8 | 8 x 512 | 4096 | 23.500 | 61 | 20 | 0 |" in table
+
+
+def test_float32_gram_sum_gives_the_gptq_codes_of_a_float64_one(tiny_llama, monkeypatch):
+    """Summing the per-sequence Gram matrices in float32 (half the memory of float64) moves
+    them by float32 rounding only, and GPTQ on the resulting Hessians picks the same codes."""
+    from serq_onnx import passes
+    from serq_onnx.modelio import load_model
+    from serq_onnx.passes.gptq import gptq_quantize
+    from serq_onnx.plan import ConvertConfig, Plan
+
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 300, 48) for _ in range(24)]
+    grams = {}
+    for dtype in (np.float64, np.float32):
+        monkeypatch.setattr(passes.calibrate, "GRAM_DTYPE", dtype)
+        model = load_model(tiny_llama.onnx_path)
+        plan = Plan(ConvertConfig(weight_quant="gptq", lm_head="float"))
+        passes.FindTargetsPass(plan)(model)
+        passes.CalibratePass(plan, seqs, progress=False)(model)
+        grams[dtype] = [(g.gram, g.targets[0].weight_f32()) for g in plan.groups]
+    for (g64, w), (g32, _) in zip(grams[np.float64], grams[np.float32]):
+        assert g32.dtype == np.float32
+        # 24 float32 additions: each entry within 24 * 2^-24 of the float64 sum's magnitude.
+        np.testing.assert_allclose(g32, g64, rtol=0, atol=24 * 2.0 ** -24 * np.abs(g64).max())
+        h64 = g64 / len(seqs) + np.eye(len(g64)) * 1e-3
+        h32 = g32.astype(np.float64) / len(seqs) + np.eye(len(g64)) * 1e-3
+        c64, s64 = gptq_quantize(w, h64, 4, 32)
+        c32, s32 = gptq_quantize(w, h32, 4, 32)
+        # A code may flip where the float64 value sits on a rounding boundary; none did on
+        # this model, and at most 1 in 1000 may.
+        assert np.mean(c64 != c32) <= 1e-3
+        np.testing.assert_allclose(s32, s64, rtol=1e-5)
