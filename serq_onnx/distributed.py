@@ -4,7 +4,7 @@ process.
 Calibration runs the float statistics graph on one Ray actor per CPU (each holds one
 onnxruntime session, 1 intra-op thread), sequences dealt round robin; each sequence's outputs
 come back to the driver, which sums them in sequence order exactly as ``CalibratePass`` does in
-one process, so the float64 sums are bit-equal. (Per-sequence results cost ``K^2`` floats per
+one process, so the sums are bit-equal. (Per-sequence results cost ``K^2`` floats per
 group and sequence over the network: the price of the exact merge.) GPTQ runs one Ray task per
 input group (1 CPU, so the worker's BLAS has 1 thread); each returns its codes and scales.
 Results are taken in order with a bounded number in flight, so driver memory stays bounded.

@@ -113,7 +113,7 @@ def test_cli_unreachable_address_one_line(tiny_llama, tmp_path):
 
 
 def test_statistics_bit_equal(local_ray, tiny_llama, calib_ids):
-    """absmax, Gram matrices (float64 sums) and |x| sums from the Ray actors equal the
+    """absmax, Gram matrices (summed in GRAM_DTYPE) and |x| sums from the Ray actors equal the
     one-process ones bit for bit: the merge is the same ordered sum."""
     from serq_onnx import passes
     from serq_onnx.modelio import load_model
