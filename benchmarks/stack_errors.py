@@ -60,35 +60,6 @@ def _optimizer_form(src: Path, out: Path, model_type: str, level: int, cfg: dict
     return out / "model.onnx"
 
 
-def _dynamo_form(hf_dir: Path, out: Path, example: np.ndarray) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).logits
-
-    out.mkdir()
-    for f in hf_dir.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, out / f.name)
-    x = torch.as_tensor(example)[None]
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    torch.onnx.export(Logits(hf), (x, torch.ones_like(x)), dynamo=True,
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                      "attention_mask": {0: batch, 1: seq}}).save(
-        str(out / "model.onnx"))
-    return out / "model.onnx"
-
-
 def _builder_form(hf_dir: Path, out: Path) -> Path:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
            "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "builder-cache")]
@@ -103,7 +74,7 @@ def measure(work: Path) -> list[dict]:
 
     from serq_onnx import compare
     from serq_onnx.converter import convert
-    from serq_onnx.export import export_causal_lm, make_tiny_model
+    from serq_onnx.export import export_causal_lm, export_dynamo, make_tiny_model
     from serq_onnx.fakequant_torch import fakequant_logits
 
     rows = []
@@ -144,7 +115,7 @@ def measure(work: Path) -> list[dict]:
             "ort-optimizer-l2": lambda: _optimizer_form(onnx_path, work / "opt2", "gpt2", 2, cfg),
             "ort-optimizer-qwen3": lambda: _optimizer_form(onnx_path, work / "optq", "qwen3", 0,
                                                            cfg),
-            "dynamo": lambda: _dynamo_form(hf, work / "dynamo", eval_ids),
+            "dynamo": lambda: export_dynamo(hf, work / "dynamo", eval_ids),
             "fp16": lambda: export_causal_lm(hf, work / "onnx-fp16", dtype="fp16"),
             "genai-builder": lambda: _builder_form(hf, work / "builder"),
         }

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import SerqError
 
 _TORCH_PIP = "pip install 'serq-onnx[torch]'"
@@ -162,3 +164,38 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any)
     4 heads, 2 kv heads (GQA), 2 layers; ``overrides`` go to ``LlamaConfig``.
     """
     return make_tiny_model(out_dir, "llama", seed, **overrides)
+
+
+def export_dynamo(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  example_ids: np.ndarray) -> Path:
+    """``torch.onnx.export(..., dynamo=True)`` of a causal LM without a KV cache (inputs
+    ``input_ids``, ``attention_mask``; output ``logits``; batch and length dynamic), with the
+    folder's JSON files beside it: the dynamo graph form the converter accepts. Returns
+    ``out_dir/model.onnx``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).logits
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(hf_dir).iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out / f.name)
+    x = torch.as_tensor(np.asarray(example_ids, np.int64).reshape(1, -1))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    torch.onnx.export(Logits(hf), (x, torch.ones_like(x)), dynamo=True,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                      "attention_mask": {0: batch, 1: seq}}).save(
+        str(out / "model.onnx"))
+    return out / "model.onnx"

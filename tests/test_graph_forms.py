@@ -88,34 +88,12 @@ def test_dynamo_export_converts_to_the_same_model(tiny_llama, plain, tmp_path):
     """torch.onnx's dynamo exporter names nodes ``node_linear_3``; the layers are labelled from
     the module path it records (``pkg.torch.onnx.name_scopes``). Exported without a KV cache
     (no ``position_ids`` input), its attention stays as exported."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("onnxscript")
-    from transformers import AutoModelForCausalLM
+    from serq_onnx.export import export_dynamo
 
     report0, logits0, ids = plain
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama.hf_dir, dtype=torch.float32).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).logits
-
-    src = tmp_path / "dynamo"
-    src.mkdir()
-    for f in tiny_llama.hf_dir.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, src / f.name)
-    x = torch.as_tensor(ids)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    torch.onnx.export(Logits(hf), (x, torch.ones_like(x)), dynamo=True,
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                      "attention_mask": {0: batch, 1: seq}}).save(
-        str(src / "model.onnx"))
+    src = export_dynamo(tiny_llama.hf_dir, tmp_path / "dynamo", ids).parent
 
     report = convert(src / "model.onnx", tmp_path / "out",
                      calib_ids=_calib(tiny_llama.config["vocab_size"]), rank=16, progress=False,
