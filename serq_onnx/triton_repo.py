@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import output_dir
 from .errors import SerqError
 
 # onnx TensorProto data types -> Triton's model-config DataType names.
@@ -209,13 +210,7 @@ def write_repo(model_dir: str | os.PathLike, repo: str | os.PathLike, *,
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
         if parse_config((tmp / "config.pbtxt").read_text(encoding="utf-8")) != config:
             raise SerqError("config.pbtxt did not read back as written; please report it")
-        old = None
-        if target.exists():
-            old = target.with_name(f".{name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        output_dir.commit(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
