@@ -65,3 +65,19 @@ def tiny_arch(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureR
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_serq(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama`` converted at the defaults with fast settings (two 64-token calibration
+    sequences, rank 16) into a folder named ``tiny-serq``; tests only read it."""
+    import numpy as np
+
+    from serq_onnx.converter import convert
+
+    rng = np.random.default_rng(0)
+    vocab = tiny_llama.config["vocab_size"]
+    out = tmp_path_factory.mktemp("tiny_serq") / "tiny-serq"
+    convert(tiny_llama.onnx_path, out, calib_ids=[rng.integers(0, vocab, 64) for _ in range(2)],
+            rank=16, progress=False)
+    return out

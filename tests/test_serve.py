@@ -28,7 +28,6 @@ import pytest
 import serq_onnx
 from serq_onnx import SerqError
 from serq_onnx.completions import parse_request
-from serq_onnx.converter import convert
 from serq_onnx.evaluate import decode_speed
 from serq_onnx.generate import (Generator, RequestError, SamplingParams, check_model_dir,
                                 next_token)
@@ -37,13 +36,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def served_dir(tiny_llama, tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    vocab = tiny_llama.config["vocab_size"]
-    out = tmp_path_factory.mktemp("serve") / "tiny-serq"
-    convert(tiny_llama.onnx_path, out, calib_ids=[rng.integers(0, vocab, 64) for _ in range(2)],
-            rank=16, progress=False)
-    return out
+def served_dir(tiny_serq) -> Path:
+    return tiny_serq
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import pytest
 
 import serq_onnx
 from serq_onnx import SerqError
-from serq_onnx.converter import convert
 from serq_onnx.evaluate import decode_speed
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
@@ -35,13 +34,8 @@ _ORT_TO_TRITON = {"tensor(int64)": "TYPE_INT64", "tensor(float)": "TYPE_FP32",
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_llama, tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    vocab = tiny_llama.config["vocab_size"]
-    out = tmp_path_factory.mktemp("triton") / "tiny-serq"
-    convert(tiny_llama.onnx_path, out, calib_ids=[rng.integers(0, vocab, 64) for _ in range(2)],
-            rank=16, progress=False)
-    return out
+def converted(tiny_serq) -> Path:
+    return tiny_serq
 
 
 def _files(folder: Path) -> set[str]:
