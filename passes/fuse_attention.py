@@ -33,14 +33,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from serq_onnx.evaluate import SHARE_BUFFER_KEY
+
 from .find_targets import column_range, constant_of
 
 _STD = ("", "ai.onnx")
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
-
-# Model metadata saying that past and present KV tensors may share one buffer
-# (``serq_onnx.evaluate`` decodes that way; genai's past_present_share_buffer).
-SHARE_BUFFER_KEY = "serq.past_present_share_buffer"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ SessionLike = Union[Any, Callable[[], Any], str, os.PathLike]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+# Model metadata saying that past and present KV tensors may share one buffer (written by
+# passes.FuseAttentionPass; genai's past_present_share_buffer is the same mode).
+SHARE_BUFFER_KEY = "serq.past_present_share_buffer"
 _LOGSOFTMAX_ROWS = 128  # rows per float64 block: bounds memory for large vocabularies
 
 
@@ -475,8 +478,6 @@ class _Greedy:
 
 def _shares_buffer(sess: Any) -> bool:
     """Whether the model says its past and present KV tensors may share one buffer."""
-    from serq_onnx.passes.fuse_attention import SHARE_BUFFER_KEY
-
     try:
         meta = sess.get_modelmeta().custom_metadata_map
     except AttributeError:  # a stand-in session without model metadata
