@@ -186,6 +186,23 @@ def test_nonfinite_rows(dtype, isa):
     _check(case, A, y, dtype)
 
 
+@pytest.mark.parametrize("bits_a", [8, 4])
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_whole_tiles_with_bias(dtype, rows, bits_a, isa):
+    """N spanning whole register tiles (64 and 16 columns) and a partial one: the tile kernels'
+    direct float32 stores, with the bias added and a non-finite row left to StoreRow."""
+    case = random_case(384, 136, 64, 128, 128 if bits_a == 8 else 32, 4, bits_a, seed=rows,
+                       act_scale=True, bias=True)
+    A = _activations((rows, 384), seed=rows + bits_a, dtype=dtype)
+    if rows > 1:
+        A[rows - 2, 5] = np.nan
+    y = session(make_model(case, ["M", 384], dtype)).run(None, {"A": A})[0]
+    if rows > 1:
+        assert np.isnan(y[rows - 2]).all() and np.isfinite(np.delete(y, rows - 2, 0)).all()
+    _check(case, A, y, dtype)
+
+
 def _tie_activations(rows, K, group, bits_a, seed):
     """Rows whose every activation group has lo = -z, hi = qmax - z, so scale == 1 exactly and
     x / scale lands on many exact .5 ties: rint must round half to even as the reference does."""

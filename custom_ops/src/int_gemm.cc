@@ -138,7 +138,7 @@ GemmKernel SelectGemmKernel(const SerqLayout& L, Isa isa) {
     GemmKernel k;
     if (X86GemmKernel(L, static_cast<Isa>(level), &k)) return k;
   }
-  return GemmKernel{&GemmRegionScalar, 0, 16, 16, false, false, Isa::kScalar};
+  return GemmKernel{&GemmRegionScalar, 0, 0, 16, false, false, Isa::kScalar};
 }
 
 }  // namespace serq

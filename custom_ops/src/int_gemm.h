@@ -32,9 +32,9 @@ struct GemmProblem {
   const uint8_t* B;         // [N, b_row_bytes]
   const float* w_scales;    // [N, n_wgroups]
   const int32_t* wsum;      // [N, n_blocks]
-  // The same weights as panels (SIMD kernels).
+  // The same weights as panel records (SIMD kernels).
   PanelLayout P;
-  Panels panels;
+  const uint8_t* panels;
 };
 
 // Where results go: Y[m, n] = (row_ok[m] ? value (+ bias[n]) : NaN), float32 or float16.
@@ -56,8 +56,8 @@ using GemmRegionFn = void (*)(const GemmProblem& p, const OutputSink& out, int64
 struct GemmKernel {
   GemmRegionFn run;
   int panel_width;  // columns per panel; 0: reads B as stored
-  int tile_cols;    // columns of one register tile (several rows); work splits at multiples of it
-  int row_cols;     // the same for a single row (decode)
+  int panel_group;  // panels per record (the register tile's width in panels)
+  int tile_cols;    // columns of one register tile; work splits at multiples of it
   bool needs_corr;  // whether it reads ActRows::corr
   bool centered;    // whether it reads centered activation codes (QuantRowOut::centered)
   Isa isa;          // instruction set actually used (a block shape may force a lower one)

@@ -20,7 +20,10 @@ namespace {
 namespace avx2 {
 #define SERQ_T SERQ_TARGET_AVX2
 struct Ops {
-  static constexpr int W = 8, kRows = 4, kPanels = 2, kDecodePanels = 2;
+  // Tiles of 4 rows x 2 panels: 8 accumulators, 4 unpacked weight vectors and 2 broadcasts of
+  // the 16 ymm registers. pmaddubsw saturates: no split-nibble row kernel.
+  static constexpr int W = 8, kRows = 4, kGroup = 2;
+  static constexpr bool kSplitNibbles = false;
   using I = __m256i;
   using F = __m256;
   SERQ_T static I Zero() { return _mm256_setzero_si256(); }
@@ -75,6 +78,11 @@ namespace avxvnni {
 // The AVX2 kernel with the VEX-encoded vpdpbusd (AVX-VNNI: CPUs with VNNI but without AVX-512).
 // The AVX2 members inline here: their target is a subset of this one.
 struct Ops : avx2::Ops {
+  static constexpr bool kSplitNibbles = true;
+  static constexpr int64_t kPrefetchBytes = 1024;
+  SERQ_T static I And(I a, I b) { return _mm256_and_si256(a, b); }
+  SERQ_T static I Srai4(I a) { return _mm256_srai_epi32(a, 4); }
+  SERQ_T static void Prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   // In-out asm operand as in the AVX-512 kernel; {vex} selects the AVX-VNNI encoding.
   SERQ_T static I Dpbusd(I s, I a, I w) {
     __asm__("%{vex%} vpdpbusd %[w], %[a], %[s]" : [s] "+x"(s) : [a] "x"(a), [w] "x"(w));
@@ -92,9 +100,16 @@ struct Ops : avx2::Ops {
 namespace avx512 {
 #define SERQ_T SERQ_TARGET_VNNI
 struct Ops {
-  static constexpr int W = 16, kRows = 4, kPanels = 3, kDecodePanels = 4;
+  // Tiles of 4 rows x 4 panels (64 columns): 16 accumulators, 8 unpacked weight vectors and 2
+  // broadcasts of the 32 zmm registers; a panel group's code row is 4 cache lines.
+  static constexpr int W = 16, kRows = 4, kGroup = 4;
+  static constexpr bool kSplitNibbles = true;
+  static constexpr int64_t kPrefetchBytes = 2048;
   using I = __m512i;
   using F = __m512;
+  SERQ_T static I And(I a, I b) { return _mm512_and_si512(a, b); }
+  SERQ_T static I Srai4(I a) { return _mm512_srai_epi32(a, 4); }
+  SERQ_T static void Prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   SERQ_T static I Zero() { return _mm512_setzero_si512(); }
   SERQ_T static I Load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   SERQ_T static I LoadI(const int32_t* p) { return _mm512_loadu_si512(p); }
@@ -137,7 +152,7 @@ struct Ops {
 
 template <class Ops>
 GemmKernel Make(GemmRegionFn run, bool w4, bool centered, Isa isa) {
-  return GemmKernel{run, Ops::W, Ops::W * Ops::kPanels, Ops::W * Ops::kDecodePanels, w4, centered, isa};
+  return GemmKernel{run, Ops::W, Ops::kGroup, Ops::W * Ops::kGroup, w4, centered, isa};
 }
 
 }  // namespace

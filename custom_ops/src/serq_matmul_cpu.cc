@@ -89,16 +89,14 @@ struct PackJob {
   const uint8_t* B;
   const float* scales;
   const int32_t* wsum;
-  int64_t panels_per_task;
-  uint8_t* codes;
-  float* out_scales;
-  int32_t* out_wsum;
+  int64_t groups_per_task;
+  uint8_t* out;
 
   static void Run(void* self, size_t task) {
     const auto& j = *static_cast<const PackJob*>(self);
-    const int64_t p0 = static_cast<int64_t>(task) * j.panels_per_task;
-    const int64_t p1 = std::min(j.P->n_panels, p0 + j.panels_per_task);
-    PackPanels(*j.L, *j.P, j.B, j.scales, j.wsum, p0, p1, j.codes, j.out_scales, j.out_wsum);
+    const int64_t g0 = static_cast<int64_t>(task) * j.groups_per_task;
+    const int64_t g1 = std::min(j.P->n_groups, g0 + j.groups_per_task);
+    PackPanels(*j.L, *j.P, j.B, j.scales, j.wsum, g0, g1, j.out);
   }
 };
 
@@ -124,7 +122,7 @@ SerqMatMulCpuKernel::SerqMatMulCpuKernel(const OrtKernelInfo* info_ptr) {
   const Isa isa = DetectIsa();
   gemm_ = SelectGemmKernel(L_, isa);
   quant_ = GetQuantSpanKernels(isa);
-  P_ = MakePanelLayout(L_, gemm_.panel_width);
+  P_ = MakePanelLayout(L_, gemm_.panel_width, gemm_.panel_group, !gemm_.centered);
   cpu_memory_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
 
   // Weight inputs that are constant initializers are checked once, here: a bad model fails when
@@ -134,12 +132,12 @@ SerqMatMulCpuKernel::SerqMatMulCpuKernel(const OrtKernelInfo* info_ptr) {
   const_perm_.assign(c.perm.begin(), c.perm.end());
   // Constant weights are packed into the kernel's panel layout once.
   if (P_.width && validated_[kB] && validated_[kScales] && validated_[kWsum]) {
-    panel_codes_.resize(P_.code_bytes());
-    panel_scales_.resize(P_.param_count());
-    panel_wsum_.resize(P_.param_count());
+    panel_store_.resize(P_.total_bytes() + 64);
+    uint8_t* store = panel_store_.data();
+    store += (64 - reinterpret_cast<uintptr_t>(store) % 64) % 64;
     PackPanels(L_, P_, static_cast<const uint8_t*>(validated_[kB]), static_cast<const float*>(validated_[kScales]),
-               static_cast<const int32_t*>(validated_[kWsum]), 0, P_.n_panels, panel_codes_.data(),
-               panel_scales_.data(), panel_wsum_.data());
+               static_cast<const int32_t*>(validated_[kWsum]), 0, P_.n_groups, store);
+    panels_ = store;
     packed_ = true;
   }
   if (const char* v = std::getenv("SERQ_ONNX_VERBOSE"); v && *v && std::strcmp(v, "0") != 0) {
@@ -206,9 +204,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   const size_t o_ok = scratch.Reserve(static_cast<size_t>(M));
   const size_t o_x = scratch.Reserve(static_cast<size_t>(q_tasks * K) * sizeof(float));
   const size_t o_perm = scratch.Reserve(fed_perm ? static_cast<size_t>(K) * sizeof(int32_t) : 0);
-  const size_t o_pc = scratch.Reserve(pack_now ? P_.code_bytes() : 0);
-  const size_t o_ps = scratch.Reserve(pack_now ? P_.param_count() * sizeof(float) : 0);
-  const size_t o_pw = scratch.Reserve(pack_now ? P_.param_count() * sizeof(int32_t) : 0);
+  const size_t o_pc = scratch.Reserve(pack_now ? P_.total_bytes() : 0);
   uint8_t* base = scratch.Allocate();
 
   const int32_t* pp = nullptr;
@@ -220,13 +216,12 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
     pp = const_perm_.data();
   }
 
-  Panels panels{panel_codes_.data(), panel_scales_.data(), panel_wsum_.data()};
+  const uint8_t* panels = panels_;
   if (pack_now) {
-    panels = Panels{Piece<uint8_t>(base, o_pc), Piece<float>(base, o_ps), Piece<int32_t>(base, o_pw)};
-    const int64_t per = std::max<int64_t>(1, CeilDiv(P_.n_panels, 16));
-    PackJob pj{&L_, &P_, Bp, sp, wp, per, Piece<uint8_t>(base, o_pc), Piece<float>(base, o_ps),
-               Piece<int32_t>(base, o_pw)};
-    ParallelRun(ctx, &PackJob::Run, CeilDiv(P_.n_panels, per), &pj);
+    const int64_t per = std::max<int64_t>(1, CeilDiv(P_.n_groups, 16));
+    PackJob pj{&L_, &P_, Bp, sp, wp, per, Piece<uint8_t>(base, o_pc)};
+    ParallelRun(ctx, &PackJob::Run, CeilDiv(P_.n_groups, per), &pj);
+    panels = Piece<uint8_t>(base, o_pc);
   }
 
   uint8_t* codes = Piece<uint8_t>(base, o_codes);
@@ -249,7 +244,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
 
   // Row chunks x column chunks (whole register tiles); one row (decode) is split over columns
   // only, into at least 32 tasks where the columns allow it.
-  const int64_t unit = M == 1 ? gemm_.row_cols : gemm_.tile_cols;
+  const int64_t unit = gemm_.tile_cols;
   const int64_t rows_per_task = std::min<int64_t>(M, 16);
   const int64_t row_tasks = CeilDiv(M, rows_per_task);
   int64_t cols = CeilTo(64, unit);

@@ -42,9 +42,8 @@ class SerqMatMulCpuKernel {
   PanelLayout P_;
   // Panels of constant weights, packed once here; fed weights are packed per call.
   bool packed_ = false;
-  std::vector<uint8_t> panel_codes_;
-  std::vector<float> panel_scales_;
-  std::vector<int32_t> panel_wsum_;
+  std::vector<uint8_t> panel_store_;  // P_.total_bytes() + 64: records from a 64-byte boundary
+  const uint8_t* panels_ = nullptr;
   Ort::MemoryInfo cpu_memory_{nullptr};
 };
 

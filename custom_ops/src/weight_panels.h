@@ -9,9 +9,14 @@
 //                  codes k0 + 8g + t, the high nibbles k0 + 8g + 4 + t (t < 4), stored as
 //                  code + 8 as in B; the GEMM subtracts 8 * sum(activation codes) per block.
 //
-// Only active blocks (holding real rows) are stored, in the order the op sums them: main blocks,
-// then those of the salient part. The weight scale and wsum of each (block, column) are stored
-// beside them, W at a time. Columns past N are padding (code 0, scale 0, wsum 0).
+// Panels come in groups of G (the register tile's width): one record per (group, active block)
+// holds the block's codes, row g of all G panels side by side (G x W x 4 bytes per row), then the
+// G x W weight scales, then (unless the kernel does not read them) the G x W wsum entries.
+// Records follow each other group by group, block by block, so a tile reads its weights as one
+// sequential stream -- what the hardware prefetchers follow best when a decode step streams
+// every weight from memory. Only active blocks (holding real rows) are stored, in the order the
+// op sums them: main blocks, then those of the salient part. Columns past N, up to the last
+// whole group, are padding (code 0, scale 0, wsum 0).
 #pragma once
 
 #include <cstddef>
@@ -23,12 +28,17 @@ namespace serq {
 
 struct PanelLayout {
   int width = 0;              // columns per panel; 0: no panels (scalar kernel)
-  int64_t n_panels = 0;
+  int group = 0;              // panels per group (record)
+  int64_t n_groups = 0;
   int64_t active_blocks = 0;  // main_blocks + ext_blocks
   int64_t block_bytes = 0;    // one panel's codes for one block: block * width (/ 2 for 4-bit)
+  int64_t row_bytes = 0;      // one code row of a record: group * width * 4
+  int64_t scales_at = 0;      // offsets inside a record
+  int64_t wsum_at = 0;        // == record_bytes where the record has no wsum
+  int64_t record_bytes = 0;
 
-  size_t code_bytes() const { return static_cast<size_t>(n_panels * active_blocks * block_bytes); }
-  size_t param_count() const { return static_cast<size_t>(n_panels * active_blocks * width); }
+  int64_t group_cols() const { return static_cast<int64_t>(width) * group; }
+  size_t total_bytes() const { return static_cast<size_t>(n_groups * active_blocks * record_bytes); }
 };
 
 // Codes per panel row: 8 for 4-bit weights, 4 for 8-bit.
@@ -41,18 +51,13 @@ inline int64_t ActiveBlock(const SerqLayout& L, int64_t i) {
   return i < L.main_blocks ? i : L.ext_begin + (i - L.main_blocks);
 }
 
-PanelLayout MakePanelLayout(const SerqLayout& L, int width);
+// `width` 0: no panels. `with_wsum`: whether records carry wsum.
+PanelLayout MakePanelLayout(const SerqLayout& L, int width, int group, bool with_wsum);
 
-struct Panels {
-  const uint8_t* codes = nullptr;  // [n_panels][active_blocks][block_bytes]
-  const float* scales = nullptr;   // [n_panels][active_blocks][width]
-  const int32_t* wsum = nullptr;   // [n_panels][active_blocks][width]
-};
-
-// Packs B, scales and wsum (the op's inputs, already checked against the layout) into panels
-// [panel0, panel1) of `out` (full-size arrays), so that callers can split the work.
+// Packs B, scales and wsum (the op's inputs, already checked against the layout) into the
+// records of panel groups [group0, group1) of `out` (P.total_bytes(), 64-byte aligned), so that
+// callers can split the work.
 void PackPanels(const SerqLayout& L, const PanelLayout& P, const uint8_t* B, const float* scales,
-                const int32_t* wsum, int64_t panel0, int64_t panel1, uint8_t* codes, float* out_scales,
-                int32_t* out_wsum);
+                const int32_t* wsum, int64_t group0, int64_t group1, uint8_t* out);
 
 }  // namespace serq
