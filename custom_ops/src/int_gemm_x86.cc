@@ -79,10 +79,8 @@ namespace avxvnni {
 // The AVX2 members inline here: their target is a subset of this one.
 struct Ops : avx2::Ops {
   static constexpr bool kSplitNibbles = true;
-  static constexpr int64_t kPrefetchBytes = 1024;
   SERQ_T static I And(I a, I b) { return _mm256_and_si256(a, b); }
   SERQ_T static I Srai4(I a) { return _mm256_srai_epi32(a, 4); }
-  SERQ_T static void Prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   // In-out asm operand as in the AVX-512 kernel; {vex} selects the AVX-VNNI encoding.
   SERQ_T static I Dpbusd(I s, I a, I w) {
     __asm__("%{vex%} vpdpbusd %[w], %[a], %[s]" : [s] "+x"(s) : [a] "x"(a), [w] "x"(w));
@@ -104,12 +102,10 @@ struct Ops {
   // broadcasts of the 32 zmm registers; a panel group's code row is 4 cache lines.
   static constexpr int W = 16, kRows = 4, kGroup = 4;
   static constexpr bool kSplitNibbles = true;
-  static constexpr int64_t kPrefetchBytes = 2048;
   using I = __m512i;
   using F = __m512;
   SERQ_T static I And(I a, I b) { return _mm512_and_si512(a, b); }
   SERQ_T static I Srai4(I a) { return _mm512_srai_epi32(a, 4); }
-  SERQ_T static void Prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   SERQ_T static I Zero() { return _mm512_setzero_si512(); }
   SERQ_T static I Load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   SERQ_T static I LoadI(const int32_t* p) { return _mm512_loadu_si512(p); }
