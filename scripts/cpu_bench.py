@@ -2,8 +2,8 @@
 
 1. SmolLM2-135M and Jane Austen's novels (fetched and cached as ``make demo`` does), the float32
    Optimum export, and the model converted at both schemes with the default settings
-   (calibration: 32 x 512 tokens of *Emma*), reused when their ``serq_config.json`` says they
-   were converted with the current defaults;
+   (calibration: ``serq_onnx.calibration``'s default sequences of *Emma*), reused when their
+   ``serq_config.json`` says they were converted with the current defaults;
 2. ``serq-onnx bench --suite all``: per layer, SmolLM2 and Llama-3-8B shapes;
 3. ``benchmarks/cpu_model_bench.py``: the whole model against float32, MatMulNBits, dynamic
    int8 and llama.cpp, and its ``--profile`` of a decode step;
@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CALIB = dict(calib_samples=32, calib_seqlen=512)
+from serq_onnx import calibration  # noqa: E402  (the installed package, as below)
+
+CALIB = dict(calib_samples=calibration.DEFAULT_SAMPLES, calib_seqlen=calibration.DEFAULT_SEQLEN)
 
 
 def _run(cmd: list[str], log: Path, out: Path | None = None) -> None:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _current(folder, scheme):
             with log.open("a") as f:
                 f.write(f"serq-onnx convert {float_model} -o {folder} --scheme {scheme} --calib "
-                        f"{texts['emma']} --calib-samples 32 --calib-seqlen 512 --overwrite\n")
+                        f"{texts['emma']} --overwrite\n")
             report = convert(float_model, folder, scheme=scheme, calib=texts["emma"],
                              overwrite=True, **CALIB)
             print(report.summary(), flush=True)
