@@ -64,10 +64,11 @@ endif
 # MatMulNBits, dynamic int8 and llama.cpp, the decode profile, perplexities) into models/cpu-bench/.
 # llama-cpp-python (the llamacpp extra) compiles llama.cpp on its first install, for this CPU's
 # instruction sets without AMX (scripts/llamacpp_cmake_args.sh says why).
+BENCH_CPU_OUT ?= models/cpu-bench
 .PHONY: bench-cpu
 bench-cpu: setup
 	CMAKE_ARGS="$$(bash scripts/llamacpp_cmake_args.sh)" $(PIP) install --no-binary llama-cpp-python "llama-cpp-python>=0.3.30"
-	$(BIN)/python scripts/cpu_bench.py --cache $(CACHE)
+	$(BIN)/python scripts/cpu_bench.py --cache $(CACHE) --out $(BENCH_CPU_OUT)
 
 .PHONY: sanitize fuzz
 
