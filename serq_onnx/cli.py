@@ -129,7 +129,8 @@ def _conversion_kwargs(args) -> dict:
                 calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
                 weight_scale=args.weight_scale, smooth_alpha=args.alpha, lm_head=args.lm_head,
                 fuse_attention=args.fuse_attention, layers=args.layers,
-                gram_memory_mib=args.gram_memory, verify=not args.no_verify, fuse=not args.no_fuse, overwrite=args.overwrite)
+                gram_memory_mib=args.gram_memory, verify=not args.no_verify,
+                fuse=not args.no_fuse, overwrite=args.overwrite)
 
 
 def _log(args):
