@@ -129,11 +129,11 @@ class Inspection:
             lines.append(
                 f"calibration passes: {self.calibration_passes} ("
                 + ("per-channel statistics and all Gram matrices together, "
-                   f"{self.gram_bytes / MIB:.0f} MiB within --gram-memory {mib:g} MiB"
+                   f"{_mib(self.gram_bytes)} MiB within --gram-memory {mib:g} MiB"
                    if self.gram_passes == 1 else
                    f"per-channel statistics, then Gram matrices in {self.gram_passes} chunks of "
-                   f"at most {self.gram_chunk_bytes / MIB:.0f} MiB: all {self.gram_bytes / MIB:.0f}"
-                   f" MiB exceed --gram-memory {mib:g} MiB") + ")")
+                   f"at most {_mib(self.gram_chunk_bytes)} MiB: all {_mib(self.gram_bytes)} "
+                   f"MiB exceed --gram-memory {mib:g} MiB") + ")")
         elif self.calibration_passes:
             lines.append(f"calibration passes: {self.calibration_passes}")
         b = self.size_breakdown
@@ -153,6 +153,11 @@ class Inspection:
             lines.append(f"      when: {p['when']}; requires: {p['requires']}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    v = nbytes / MIB
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
 
 
 def serq_nbytes(t: Target, cfg: ConvertConfig) -> int:
