@@ -6,12 +6,20 @@ calibration tokens are streamed through. For GPTQ each group input also gets its
 ``x^T x`` (``[K, K]`` float32 per sequence, from ``Transpose`` and ``MatMul`` in the graph),
 summed over sequences in :data:`GRAM_DTYPE`. For L2QER each group input also gets the per-channel sum of
 ``|x|`` (``ReduceSum`` next to the ``ReduceMax``), from which the mean ``|x|`` over all tokens.
+
+When the Gram matrices of all groups exceed ``ConvertConfig.gram_memory_mib``
+(``serq_onnx.gram_chunks``), this pass collects the per-channel statistics only and leaves a
+:class:`SavedFloatGraph` in the plan: the float graph as it is here, from which ``GPTQPass``
+collects the Gram matrices chunk by chunk, each from a graph cut after the chunk's deepest
+group. Every statistic is summed in sequence order by :func:`accumulate` in both cases.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +28,9 @@ from tqdm.auto import tqdm
 
 from serq_onnx.errors import SerqError
 from serq_onnx.evaluate import causal_lm_spec, prefill_feed
+from serq_onnx.gram_chunks import plan_chunks
 from serq_onnx.modelio import save_for_session
-from serq_onnx.plan import Plan
+from serq_onnx.plan import InputGroup, Plan
 
 from ._base import PlanPass
 
@@ -109,14 +118,15 @@ def statistics_session(path: Path, names: list[str], threads: int = 0
                        ) -> Callable[[np.ndarray], list[np.ndarray]]:
     """One sequence -> its statistic outputs ``names``, from an onnxruntime session on the
     model at ``path`` (made now: the file may go once this returns). ``threads``: intra-op
-    threads (0: onnxruntime's default)."""
+    threads (0: onnxruntime's default). The model may lack the logits and KV outputs (a graph
+    cut after its last statistic); it is fed as the export it came from."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    spec = causal_lm_spec(sess)
+    spec = causal_lm_spec(sess, need_outputs=False)
     return lambda seq: sess.run(names, prefill_feed(spec, seq))
 
 
@@ -127,13 +137,138 @@ def run_statistics(path: Path, names: list[str], sequences: Sequence[np.ndarray]
     return (run(seq) for seq in sequences)
 
 
+def accumulate(sequences: Sequence[np.ndarray], results: Iterable[list[np.ndarray]],
+               ks: Sequence[int], absmax: bool, abssum: bool, gram: bool,
+               progress: bool = True, desc: str = "calibrating"
+               ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], int]:
+    """Per-group ``(absmax, abssum, gram, tokens)`` from each sequence's outputs (per group of
+    ``ks``: absmax, abssum, gram, each where asked), summed in sequence order whoever ran the
+    sequences: the same float additions in the same order, so the same sums."""
+    per_group = absmax + abssum + gram
+    maxes = [np.zeros(K, np.float32) for K in ks] if absmax else []
+    sums = [np.zeros(K, np.float64) for K in ks] if abssum else []
+    grams = [np.zeros((K, K), GRAM_DTYPE) for K in ks] if gram else []
+    tokens = 0
+    for seq, outs in tqdm(zip(sequences, results), total=len(sequences), desc=desc, unit="seq",
+                          disable=not progress):
+        tokens += len(seq)
+        for acc, o in zip(maxes, outs[::per_group]):
+            np.maximum(acc, o, out=acc)
+        for acc, o in zip(sums, outs[absmax::per_group]):
+            acc += o
+        for acc, o in zip(grams, outs[absmax + abssum::per_group]):
+            acc += o
+    return maxes, sums, grams, tokens
+
+
+def check_gram(group: InputGroup, gram: np.ndarray) -> None:
+    if not np.all(np.isfinite(gram)):
+        raise SerqError(f"the calibration Gram matrix of {group.name} overflows float32; GPTQ "
+                        "cannot be used on this model")
+
+
+class SavedFloatGraph:
+    """The float graph as calibration saw it, on disk until ``GPTQPass`` has collected the Gram
+    matrices of every chunk (``chunks``: group indices, in graph order) from it.
+
+    It owns a temporary folder: the graph with its weights as external data, written once
+    (each statistics model is saved beside it and refers to that data, so a chunk costs no
+    copy of the weights). :meth:`close` removes the folder; so do garbage collection and
+    interpreter exit, whichever comes first. Statistics models keep only the statistic outputs
+    and the nodes they need: the forward pass stops at the deepest group asked for (onnxruntime
+    does not drop unused nodes itself).
+    """
+
+    FILE = "float.onnx"
+
+    def __init__(self, model: ir.Model, groups: Sequence[InputGroup],
+                 sequences: Sequence[np.ndarray], chunks: list[list[int]],
+                 runner: StatRunner | None = None, progress: bool = True):
+        self.names = [g.name for g in groups]
+        self.values = [g.value.name for g in groups]
+        self.ks = [g.K for g in groups]
+        self.sequences, self.chunks = sequences, chunks
+        self.runner, self.progress = runner, progress
+        self.opset = _opset(model)
+        self.models_built = 0
+        self.folder = Path(tempfile.mkdtemp(prefix="serq-grams-"))
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        try:
+            save_for_session(model, self.folder / self.FILE)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return not self._remove.alive
+
+    def close(self) -> None:
+        """Remove the saved graph (idempotent)."""
+        self._remove()
+
+    def collect(self, indices: Sequence[int], *, absmax: bool = False, abssum: bool = False,
+                gram: bool = False, desc: str = "calibrating"
+                ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], int]:
+        """:func:`accumulate`'s sums for the groups ``indices`` over every sequence."""
+        if self.closed:
+            raise SerqError("the saved float graph was already removed; run CalibratePass "
+                            "again before GPTQPass")
+        path, names = self._statistics_model(indices, absmax, abssum, gram)
+        try:
+            results = (self.runner or run_statistics)(path, names, self.sequences)
+        finally:
+            path.unlink(missing_ok=True)
+        return accumulate(self.sequences, results, [self.ks[i] for i in indices], absmax,
+                          abssum, gram, self.progress, desc)
+
+    def grams(self, indices: Sequence[int], groups: Sequence[InputGroup], desc: str
+              ) -> tuple[list[np.ndarray], int]:
+        """The Gram sums of the groups ``indices`` (checked finite) and the tokens behind them."""
+        _, _, grams, tokens = self.collect(indices, gram=True, desc=desc)
+        for i, g in zip(indices, grams):
+            check_gram(groups[i], g)
+        return grams, tokens
+
+    def _statistics_model(self, indices: Sequence[int], absmax: bool, abssum: bool,
+                          gram: bool) -> tuple[Path, list[str]]:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        model = ir.load(self.folder / self.FILE)
+        graph = model.graph
+        values = {v.name: v for v in graph.inputs}
+        values.update((v.name, v) for n in graph for v in n.outputs)
+        outputs: list[ir.Value] = []
+        for i in indices:
+            value = values.get(self.values[i])
+            if value is None:
+                raise SerqError(f"the input of {self.names[i]} ({self.values[i]!r}) is not in "
+                                "the saved float graph; convert with a --gram-memory that holds "
+                                "every Gram matrix")
+            nodes, outs, inits = _stat_nodes(value, self.ks[i], i, self.opset, gram, abssum)
+            for v in inits:
+                graph.register_initializer(v)
+            graph.extend(nodes)
+            outputs += outs if absmax else outs[1:]  # outs: absmax[, abssum][, gram]
+        graph.outputs.clear()
+        graph.outputs.extend(outputs)
+        RemoveUnusedNodesPass()(model)
+        self.models_built += 1
+        path = self.folder / f"statistics-{self.models_built}.onnx"
+        ir.save(model, path)  # its initializers still refer to FILE's data, beside it
+        return path, [v.name for v in outputs]
+
+
 class CalibratePass(PlanPass):
     """Set ``group.absmax`` for every group from the float model on ``sequences``.
 
     When the plan's config asks for GPTQ, also ``group.gram`` (:data:`GRAM_DTYPE` ``[K, K]``, the sum of
     ``x^T x`` over every calibration token, in the input's original channel order) and
-    ``group.tokens``. For L2QER, also ``group.absmean`` (per-channel mean ``|x|``).
-    ``runner`` runs the sequences elsewhere (``serq_onnx.distributed``); the sums are the same.
+    ``group.tokens``; where they exceed ``config.gram_memory_mib``, ``plan.gram_source`` (a
+    :class:`SavedFloatGraph`) instead, and ``GPTQPass`` collects them. For L2QER, also
+    ``group.absmean`` (per-channel mean ``|x|``). ``runner`` runs the sequences elsewhere
+    (``serq_onnx.distributed``); the sums are the same. ``chunks`` (after the run): the
+    group indices of each Gram collection, in order (none without GPTQ).
     """
 
     def __init__(self, plan: Plan, sequences: Sequence[np.ndarray], progress: bool = True,
@@ -142,6 +277,7 @@ class CalibratePass(PlanPass):
         self.sequences = sequences
         self.progress = progress
         self.runner = runner  # None: run_statistics, in this process
+        self.chunks: list[list[int]] = []
 
     def requires(self, model: ir.Model) -> None:
         """Target layers found (FindTargetsPass); their inputs are values of the float graph."""
@@ -155,10 +291,38 @@ class CalibratePass(PlanPass):
         if not self.sequences:
             raise SerqError("no calibration sequences: give a longer --calib text or lower "
                             "--calib-seqlen")
+        plan, groups = self.plan, self.plan.groups
+        want_gram = plan.config.weight_quant == "gptq"
+        want_abssum = plan.config.method == "l2qer"
+        if plan.gram_source is not None:  # an earlier calibration's: superseded
+            plan.gram_source.close()
+            plan.gram_source = None
+        self.chunks = (plan_chunks([g.K for g in groups], plan.config.gram_memory_mib)
+                       if want_gram else [])
+        source = None
+        if len(self.chunks) > 1:
+            source = SavedFloatGraph(model, groups, self.sequences, self.chunks, self.runner,
+                                     self.progress)
+        try:
+            if source is not None:
+                absmax, abssums, grams, tokens = source.collect(
+                    range(len(groups)), absmax=True, abssum=want_abssum)
+            else:
+                absmax, abssums, grams, tokens = self._collect_here(model, want_gram,
+                                                                    want_abssum)
+            self._store(absmax, abssums, grams, tokens, want_gram, want_abssum)
+        except BaseException:
+            if source is not None:
+                source.close()
+            raise
+        plan.gram_source = source
+        return ir.passes.PassResult(model, modified=False)
+
+    def _collect_here(self, model: ir.Model, want_gram: bool, want_abssum: bool):
+        """Every statistic in one run: the statistic nodes added to ``model`` as extra outputs
+        for the run, saved, and taken out again."""
         graph = model.graph
         opset = _opset(model)
-        want_gram = self.plan.config.weight_quant == "gptq"
-        want_abssum = self.plan.config.method == "l2qer"
         added_nodes, added_inits, stat_outputs = [], [], []
         for i, group in enumerate(self.plan.groups):
             nodes, outs, inits = _stat_nodes(group.value, group.K, i, opset, want_gram,
@@ -182,21 +346,11 @@ class CalibratePass(PlanPass):
             graph.remove(added_nodes, safe=True)
             for v in added_inits:
                 graph.initializers.pop(v.name)
-        per_group = 1 + want_abssum + want_gram
-        absmax = [np.zeros(g.K, np.float32) for g in self.plan.groups]
-        grams = [np.zeros((g.K, g.K), GRAM_DTYPE) for g in self.plan.groups] if want_gram else []
-        abssums = [np.zeros(g.K, np.float64) for g in self.plan.groups] if want_abssum else []
-        tokens = 0
-        # Summed in sequence order, whoever ran the sequences (``runner``): the same sums.
-        for seq, outs in tqdm(zip(self.sequences, results), total=len(self.sequences),
-                              desc="calibrating", unit="seq", disable=not self.progress):
-            tokens += len(seq)
-            for acc, o in zip(absmax, outs[::per_group]):
-                np.maximum(acc, o, out=acc)
-            for acc, o in zip(abssums, outs[1::per_group]):
-                acc += o
-            for acc, o in zip(grams, outs[1 + want_abssum::per_group]):
-                acc += o
+        return accumulate(self.sequences, results, [g.K for g in self.plan.groups], True,
+                          want_abssum, want_gram, self.progress)
+
+    def _store(self, absmax, abssums, grams, tokens: int, want_gram: bool,
+               want_abssum: bool) -> None:
         for i, (group, a) in enumerate(zip(self.plan.groups, absmax)):
             if not np.all(np.isfinite(a)):
                 raise SerqError(f"calibration saw NaN or infinite activations at {group.name}: "
@@ -208,8 +362,7 @@ class CalibratePass(PlanPass):
                                     "float32; L2QER cannot be used on this model")
                 group.absmean, group.tokens = abssums[i] / max(tokens, 1), tokens
             if want_gram:
-                if not np.all(np.isfinite(grams[i])):
-                    raise SerqError(f"the calibration Gram matrix of {group.name} overflows "
-                                    "float32; GPTQ cannot be used on this model")
-                group.gram, group.tokens = grams[i], tokens
-        return ir.passes.PassResult(model, modified=False)
+                if grams:  # else collected later, chunk by chunk (plan.gram_source)
+                    check_gram(group, grams[i])
+                    group.gram = grams[i]
+                group.tokens = tokens

@@ -12,6 +12,7 @@ or the least-error search), so the codes and scales satisfy the op contract unch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -136,32 +137,69 @@ class GPTQPass(PlanPass):
     Targets of one group share one input, hence one Hessian; they are quantized together (GPTQ
     treats output columns independently, so this equals quantizing them one by one). Groups
     are independent: ``mapper`` may run them elsewhere (``serq_onnx.distributed``).
+
+    Where the Gram matrices did not all fit ``config.gram_memory_mib``, calibration left
+    ``plan.gram_source`` instead: the groups are then quantized chunk by chunk, each chunk's
+    Gram matrices collected from the saved float graph just before (through its runner, so
+    ``--ray`` runs those sequences too) and freed once packed; the saved graph is removed when
+    this pass ends, whether it succeeds or fails. ``gram_seconds``: the time those collections
+    took.
     """
 
     def __init__(self, plan: Plan, progress: bool = True, mapper: GroupMapper | None = None):
         super().__init__(plan)
         self.progress = progress
         self.mapper = mapper  # None: the built-in map, group after group in this process
+        self.gram_seconds = 0.0
 
     def requires(self, model: ir.Model) -> None:
-        """Calibration Gram matrices (CalibratePass with weight_quant gptq), scales and order
-        (FoldFlatteningPass), residual main weights (SalientReconstructionPass)."""
+        """Calibration Gram matrices, or the saved float graph to collect them from
+        (CalibratePass with weight_quant gptq), scales and order (FoldFlatteningPass), residual
+        main weights (SalientReconstructionPass)."""
         require_residuals(self)
         self.require_flattening()
-        missing = [g.name for g in self.plan.groups if g.gram is None]
+        source = self.plan.gram_source
+        later: set[int] = set()
+        if source is not None:
+            self.precondition(not source.closed, "the saved float graph of the Gram matrices "
+                              "was removed; run CalibratePass again")
+            self.precondition(source.names == [g.name for g in self.plan.groups],
+                              "the plan's groups changed since CalibratePass saved the float "
+                              "graph; run CalibratePass again")
+            later = {i for chunk in source.chunks for i in chunk}
+        missing = [g.name for i, g in enumerate(self.plan.groups)
+                   if g.gram is None and i not in later]
         self.precondition(not missing, f"no calibration Gram matrix for "
                           f"{missing[0] if missing else ''}; run CalibratePass with "
                           "weight_quant 'gptq' first")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups = self.plan.groups
-        jobs = (self._job(g) for g in groups)  # lazily: one Hessian at a time with map
-        with tqdm(total=len(self.plan.targets), desc="GPTQ", unit="layer",
-                  disable=not self.progress) as bar:
-            for group, (codes, scales) in zip(groups, (self.mapper or map)(run_job, jobs)):
-                self._pack(group, codes, scales)
-                bar.update(len(group.targets))
+        source = self.plan.gram_source
+        chunks = source.chunks if source is not None else [list(range(len(groups)))]
+        try:
+            with tqdm(total=len(self.plan.targets), desc="GPTQ", unit="layer",
+                      disable=not self.progress) as bar:
+                for n, chunk in enumerate(chunks, 1):
+                    part = [groups[i] for i in chunk]
+                    if source is not None:
+                        self._collect(source, chunk, f"Gram matrices {n}/{len(chunks)}")
+                    jobs = (self._job(g) for g in part)  # lazily: one Hessian at a time (map)
+                    for group, (codes, scales) in zip(part, (self.mapper or map)(run_job, jobs)):
+                        self._pack(group, codes, scales)
+                        bar.update(len(group.targets))
+        finally:
+            if source is not None:
+                source.close()
+                self.plan.gram_source = None
         return ir.passes.PassResult(model, modified=False)
+
+    def _collect(self, source, chunk: list[int], desc: str) -> None:
+        t = time.perf_counter()
+        grams, tokens = source.grams(chunk, self.plan.groups, desc)
+        for i, gram in zip(chunk, grams):
+            self.plan.groups[i].gram, self.plan.groups[i].tokens = gram, tokens
+        self.gram_seconds += time.perf_counter() - t
 
     def _job(self, group: InputGroup) -> GPTQJob:
         cfg = self.plan.config

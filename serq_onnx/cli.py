@@ -65,7 +65,7 @@ def _add_inspect(sub) -> None:
 
 
 def _add_conversion_options(p) -> None:
-    from . import calibration  # numpy only: the defaults live beside the code that uses them
+    from . import calibration, gram_chunks  # light: the defaults live beside their code
 
     p.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a4"],
                    help="4-bit weights with 8- or 4-bit activations (default w4a8)")
@@ -109,6 +109,13 @@ def _add_conversion_options(p) -> None:
                    help=f"calibration sequences (default {calibration.DEFAULT_SAMPLES})")
     p.add_argument("--calib-seqlen", type=int, default=calibration.DEFAULT_SEQLEN,
                    help=f"tokens per calibration sequence (default {calibration.DEFAULT_SEQLEN})")
+    p.add_argument("--gram-memory", type=float, default=gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
+                   metavar="MIB",
+                   help="MiB of GPTQ Gram matrices (float32 K x K per layer input) held at once; "
+                   "where they all exceed it, they are collected and used in chunks of layers, "
+                   "one more pass over the calibration text per chunk, for the same model "
+                   "(0: one layer input at a time; inf: never split; summing briefly holds about "
+                   f"3x this; default {gram_chunks.DEFAULT_GRAM_MEMORY_MIB:g})")
     p.add_argument("--no-fuse", action="store_true",
                    help="one SerqMatMul per linear layer (default: q/k/v and gate/up, which read "
                    "the same activation, share one node that quantizes it once)")
@@ -122,7 +129,8 @@ def _conversion_kwargs(args) -> dict:
                 calib_seqlen=args.calib_seqlen, weight_quant=args.weight_quant,
                 weight_scale=args.weight_scale, smooth_alpha=args.alpha, lm_head=args.lm_head,
                 fuse_attention=args.fuse_attention, layers=args.layers,
-                verify=not args.no_verify, fuse=not args.no_fuse, overwrite=args.overwrite)
+                gram_memory_mib=args.gram_memory, verify=not args.no_verify,
+                fuse=not args.no_fuse, overwrite=args.overwrite)
 
 
 def _log(args):

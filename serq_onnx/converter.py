@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, distributed, genai, output_dir, pipeline, verify as checks
+from . import calibration, distributed, genai, gram_chunks, output_dir, pipeline, verify as checks
 from .cache_dims import pin_cache_dims
 from .errors import SerqError
 from .modelio import load_model, model_nbytes
@@ -44,6 +44,12 @@ class ConversionReport:
     timings: dict = field(default_factory=dict)
     peak_rss_mib: dict = field(default_factory=dict)  # stage -> process peak RSS after it
     layers_left_float: list = field(default_factory=list)  # not selected by --layers
+    # Runs over the calibration text (1, or 1 + gram_passes where the Gram matrices were
+    # collected in chunks under --gram-memory), the runs that collected Gram matrices (0
+    # without GPTQ), and the seconds of those chunked runs (inside timings["gptq"]).
+    calibration_passes: int = 0
+    gram_passes: int = 0
+    gram_seconds: float = 0.0
 
     def summary(self) -> str:
         roles = ", ".join(f"{k} {v}" for k, v in sorted(self.layers_by_role.items()))
@@ -58,7 +64,11 @@ class ConversionReport:
             f"{self.config['rank']}, groups w{self.config['group_w']}/a{self.config['group_a']}, "
             f"main weight {self.config.get('weight_quant', 'rtn')} with "
             f"{self.config.get('weight_scale', 'absmax')} scales",
-            f"calibration: {self.calib_tokens} tokens from {self.calib_source}",
+            f"calibration: {self.calib_tokens} tokens from {self.calib_source}"
+            + (f"; {self.calibration_passes} passes over them (per-channel statistics, then "
+               f"Gram matrices in {self.gram_passes} chunks under --gram-memory "
+               f"{self.config.get('gram_memory_mib', 0):g} MiB: {self.gram_seconds:.1f} s of "
+               "the GPTQ time)" if self.gram_passes > 1 else ""),
             f"folds: {', '.join(f'{k} x{v}' for k, v in sorted(self.folds.items())) or 'none'}",
             *(f"  at run time x{v}: {k}" for k, v in sorted(self.runtime_transforms.items())),
             f"attention: {self.attention}",
@@ -100,7 +110,9 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             weight_quant: str | None = None, weight_scale: str | None = None, fuse: bool = True,
             verify: bool = True, overwrite: bool = False, progress: bool = True,
             smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
-            layers: str | None = None, ray: str | None = None, log=print) -> ConversionReport:
+            layers: str | None = None, ray: str | None = None,
+            gram_memory_mib: float = gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
+            log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -125,14 +137,19 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     converts every one. The LM head follows ``lm_head`` alone. ``ray``: a Ray cluster's
     address, or ``"auto"`` (a local instance started for the conversion): calibration
     sequences and GPTQ groups run on its workers, giving the same model as one process
-    (``serq_onnx.distributed``); None (the default) runs them here.
+    (``serq_onnx.distributed``); None (the default) runs them here. ``gram_memory_mib``: the
+    MiB of GPTQ Gram matrices (float32 ``K x K`` per input group) held at once; where all of
+    them exceed it, they are collected and consumed in chunks of consecutive layer groups, one
+    more pass over the calibration text per chunk, giving the same model
+    (``serq_onnx.gram_chunks``; 0: one group at a time).
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     rss: dict[str, float] = {}
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
-                           smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers)
+                           smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers,
+                           gram_memory_mib=gram_memory_mib)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, out_dir = check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                        overwrite, calib_ids is not None)
@@ -164,6 +181,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
         pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
                      timings, rss)
+    calibrate, gptq = ctx.ran.get("calibrate"), ctx.ran.get("gptq")
+    gram_passes = len(calibrate.chunks) if calibrate is not None else 0
     verify_fold = ctx.ran.get("verify_fold")
     fold_check = str(verify_fold.result) if verify_fold else "skipped (no flattening)"
 
@@ -197,7 +216,11 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
             attention=attention,
             verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
-            timings=timings, peak_rss_mib=rss, layers_left_float=plan.left_float)
+            timings=timings, peak_rss_mib=rss, layers_left_float=plan.left_float,
+            calibration_passes=(gram_chunks.calibration_passes(gram_passes)
+                                if calibrate is not None else 0),
+            gram_passes=gram_passes,
+            gram_seconds=round(getattr(gptq, "gram_seconds", 0.0), 3))
         report.seconds = time.perf_counter() - t0
         (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -99,11 +99,17 @@ def open_session(model: SessionLike) -> Any:
         raise SerqError(f"onnxruntime cannot load {path}: {first}") from None
 
 
-def causal_lm_spec(session: Any) -> CausalLMSpec:
-    """Check that ``session`` looks like an Optimum causal-LM export and describe it."""
+def causal_lm_spec(session: Any, *, need_outputs: bool = True) -> CausalLMSpec:
+    """Check that ``session`` looks like an Optimum causal-LM export and describe it.
+
+    ``need_outputs`` False checks the inputs only: a statistics graph cut short of the logits
+    and the KV cache (``passes.calibrate``) is fed like the export it was cut from."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
     where = "an Optimum causal-LM export (optimum-cli export onnx --task text-generation-with-past)"
+    if not need_outputs:
+        outputs |= {"logits"} | {f"present.{m.group(1)}.{m.group(2)}" for m in
+                                 map(_PAST.match, inputs) if m}
     if "input_ids" not in inputs or "logits" not in outputs:
         raise SerqError(f"model has no input_ids input or logits output; expected {where}")
     if "attention_mask" not in inputs:

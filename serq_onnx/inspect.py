@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, converter, output_dir, pipeline, reference
+from . import calibration, converter, gram_chunks, output_dir, pipeline, reference
 from .cache_dims import pin_cache_dims
 from .modelio import load_model, model_nbytes
 from .plan import ConvertConfig, Plan, Target
@@ -90,6 +90,12 @@ class Inspection:
     estimate_note: str
     passes: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Runs over the calibration text and, of them, the runs that collect Gram matrices (GPTQ:
+    # 1 when they all fit --gram-memory, else one per chunk); their total and largest bytes.
+    calibration_passes: int = 0
+    gram_passes: int = 0
+    gram_bytes: int = 0
+    gram_chunk_bytes: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -118,6 +124,18 @@ class Inspection:
         lines += [f"  at run time x{v}: {k}" for k, v in sorted(self.runtime_transforms.items())]
         lines.append(f"attention: {self.attention}")
         lines.append(f"calibration: {self.calib_tokens} tokens from {self.calib_source}")
+        if self.gram_passes:
+            mib = cfg.get("gram_memory_mib", 0)
+            lines.append(
+                f"calibration passes: {self.calibration_passes} ("
+                + ("per-channel statistics and all Gram matrices together, "
+                   f"{_mib(self.gram_bytes)} MiB within --gram-memory {mib:g} MiB"
+                   if self.gram_passes == 1 else
+                   f"per-channel statistics, then Gram matrices in {self.gram_passes} chunks of "
+                   f"at most {_mib(self.gram_chunk_bytes)} MiB: all {_mib(self.gram_bytes)} "
+                   f"MiB exceed --gram-memory {mib:g} MiB") + ")")
+        elif self.calibration_passes:
+            lines.append(f"calibration passes: {self.calibration_passes}")
         b = self.size_breakdown
         lines.append(f"size: {self.bytes_before / MIB:.1f} MiB -> about "
                      f"{self.bytes_after / MIB:.1f} MiB "
@@ -135,6 +153,11 @@ class Inspection:
             lines.append(f"      when: {p['when']}; requires: {p['requires']}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    v = nbytes / MIB
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
 
 
 def serq_nbytes(t: Target, cfg: ConvertConfig) -> int:
@@ -232,18 +255,38 @@ def _forward_flops(plan: Plan, vocab: int) -> float:
     return flops
 
 
+def gram_plan(plan: Plan) -> list[list[int]]:
+    """The Gram chunks ``convert`` would collect (group indices; none without GPTQ)."""
+    if plan.config.weight_quant != "gptq":
+        return []
+    return gram_chunks.plan_chunks([g.K for g in plan.groups], plan.config.gram_memory_mib)
+
+
+def _chunk_forward_flops(plan: Plan, chunks: list[list[int]]) -> float:
+    """FLOPs per token of the forward passes that collect chunked Gram matrices: each runs the
+    linears of the groups before its deepest one (the graph is cut after that group's input)."""
+    if len(chunks) <= 1:
+        return 0.0
+    per_group = [2.0 * sum(t.K * t.N for t in g.targets) for g in plan.groups]
+    before = np.concatenate([[0.0], np.cumsum(per_group)])
+    return float(sum(before[chunk[-1]] for chunk in chunks))
+
+
 def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int,
              verify: bool = True, external: bool = False) -> tuple[dict, int]:
     """Seconds per stage and peak resident bytes of the conversion: rates of
     :data:`REFERENCE` (an idle desktop-class CPU) applied to this model's work."""
     cfg = plan.config
     weights = float(sum(t.K * t.N for t in plan.targets))
+    chunks = gram_plan(plan)
     secs: dict[str, float] = {}
     if cfg.needs_calibration:
         secs["calibration"] = tokens * _forward_flops(plan, vocab) / FORWARD_FLOPS_PER_S
         if cfg.weight_quant == "gptq":
             gram = sum(2.0 * g.K ** 2 for g in plan.groups)
             secs["calibration"] += tokens * gram / GRAM_FLOPS_PER_S
+            # the chunks' passes run inside GPTQ's stage at conversion; counted here
+            secs["calibration"] += tokens * _chunk_forward_flops(plan, chunks) / FORWARD_FLOPS_PER_S
     if cfg.weight_quant == "gptq":
         secs["gptq"] = weights / GPTQ_WEIGHTS_PER_S * (
             1.0 if cfg.weight_scale == "mse" else GPTQ_ABSMAX_FACTOR)
@@ -254,10 +297,11 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
     secs["other"] = bytes_before * OTHER_S_PER_BYTE * (1.0 if verify else 0.5)
     secs["total"] = sum(secs.values())
     # Peak: MODEL_COPIES (MODEL_COPIES_EXTERNAL for a model with external data) times the
-    # float model, the logits of one sequence, and for GPTQ the Gram matrix of every group,
-    # all kept until the sweep: the float32 sums and the float32 set one calibration run
-    # returns (12 bytes per entry measured: 432 MiB over round to nearest for 455 predicted).
-    grams = sum(g.K ** 2 for g in plan.groups) * (8 + 4) if cfg.weight_quant == "gptq" else 0
+    # float model, the logits of one sequence, and for GPTQ the Gram matrices of the largest
+    # chunk (every group when they fit --gram-memory), kept until the sweep: the float32 sums
+    # and the float32 set one calibration run returns (12 bytes per entry measured: 432 MiB
+    # over round to nearest for 455 predicted).
+    grams = max((sum(plan.groups[i].K ** 2 for i in c) for c in chunks), default=0) * (8 + 4)
     logits = seqlen * vocab * 4
     copies = MODEL_COPIES_EXTERNAL if external else MODEL_COPIES
     peak = BASE_RSS + copies * bytes_before + grams + logits
@@ -271,7 +315,9 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
                   weight_scale: str | None = None, fuse: bool = True, verify: bool = True,
                   smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
                   output: str | os.PathLike | None = None, overwrite: bool = False,
-                  layers: str | None = None, log=print) -> Inspection:
+                  layers: str | None = None,
+                  gram_memory_mib: float = gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
+                  log=print) -> Inspection:
     """What ``convert()`` with these arguments would do, without calibrating or writing.
 
     ``output``: also check the output folder as ``convert`` would (``convert --dry-run``).
@@ -279,7 +325,8 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     """
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
-                           smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers)
+                           smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers,
+                           gram_memory_mib=gram_memory_mib)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, _ = converter.check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                            overwrite)
@@ -340,6 +387,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     size = _estimate_size(ir_model, plan, node_bytes, fuse)
     secs, peak = estimate(plan, tokens, seqlen, bytes_before, vocab, verify,
                           external=bool(output_dir.external_data_files(ir_model)))
+    chunks = gram_plan(plan)
     note = ("an estimate: the rates of a measured SmolLM2-135M conversion on an idle "
             "desktop CPU applied to this model's FLOPs and weights; scale by your machine's "
             "speed")
@@ -349,5 +397,11 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
         attention=attention, calib_tokens=tokens, calib_source=source,
         bytes_before=bytes_before, bytes_after=size["total"], size_breakdown=size,
         estimate_seconds={k: round(v, 3) for k, v in secs.items()}, estimate_peak_bytes=peak,
-        estimate_note=note, passes=pipeline.describe(config, options), notes=notes)
+        estimate_note=note, passes=pipeline.describe(config, options, plan), notes=notes,
+        calibration_passes=(gram_chunks.calibration_passes(len(chunks))
+                            if config.needs_calibration else 0),
+        gram_passes=len(chunks),
+        gram_bytes=sum(gram_chunks.gram_nbytes(g.K) for g in plan.groups) if chunks else 0,
+        gram_chunk_bytes=max((sum(gram_chunks.gram_nbytes(plan.groups[i].K) for i in c)
+                              for c in chunks), default=0))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from . import gram_chunks
 from .plan import ConvertConfig, Plan
 
 # Largest relative RMS logit change the exact folds may cause: float32 rounding, or for FP16
@@ -187,10 +188,30 @@ def steps_for(config: ConvertConfig, options: Options = Options(), *,
     return chosen[:split] if phase == STRUCTURE else chosen[split:]
 
 
-def describe(config: ConvertConfig, options: Options = Options()) -> list[dict]:
-    """The steps of ``config`` as plain data: name, pass, purpose, when, preconditions."""
+def _gram_note(step: str, config: ConvertConfig, plan: Plan | None) -> str:
+    """How the Gram matrices are collected under ``config.gram_memory_mib``, for ``step``'s
+    purpose ("" where there is nothing to add)."""
+    if plan is None or config.weight_quant != "gptq" or not plan.groups:
+        return ""
+    chunks = gram_chunks.plan_chunks([g.K for g in plan.groups], config.gram_memory_mib)
+    if len(chunks) <= 1:
+        return ""
+    if step == "calibrate":
+        return (f"; the Gram matrices exceed --gram-memory {config.gram_memory_mib:g} MiB, so "
+                "only per-channel statistics here, and the float graph is kept on disk for GPTQ")
+    if step == "gptq":
+        return (f"; the Gram matrices collected in {len(chunks)} chunks of layer groups, one "
+                "calibration pass each through the saved float graph cut after the chunk")
+    return ""
+
+
+def describe(config: ConvertConfig, options: Options = Options(),
+             plan: Plan | None = None) -> list[dict]:
+    """The steps of ``config`` as plain data: name, pass, purpose, when, preconditions.
+    ``plan`` (its groups found): also say how the Gram matrices are collected."""
     return [dict(name=s.name, pass_name=s.pass_name,
-                 purpose=s.purpose if s.purpose else _fold_purpose(config),
+                 purpose=(s.purpose if s.purpose else _fold_purpose(config))
+                 + _gram_note(s.name, config, plan),
                  when=s.when_text, requires=s.requires())
             for s in steps_for(config, options)]
 
@@ -215,16 +236,24 @@ def run(steps: Sequence[Step], model: ir.Model, ctx: Context,
 
     Returns whether any pass modified the model. A pass's unmet precondition raises
     ``ir.passes.PreconditionError`` naming it; a ``SerqError`` passes through unchanged.
+    The float graph that calibration may save for GPTQ's chunked Gram matrices
+    (``plan.gram_source``) belongs to the run: it is removed when this returns or fails, so
+    run calibration and GPTQ in one call.
     """
     modified = False
-    for step in steps:
-        if step.make is None:
-            raise ValueError(f"step {step.name} is run by convert() itself, not by run()")
-        t = time.perf_counter()
-        pass_ = ctx.ran[step.name] = step.make(ctx)
-        modified = pass_(model).modified or modified
-        if timings is not None:
-            timings[step.stage] = timings.get(step.stage, 0.0) + time.perf_counter() - t
-        if peak_rss is not None:
-            peak_rss[step.name] = round(peak_rss_mib(), 1)
+    try:
+        for step in steps:
+            if step.make is None:
+                raise ValueError(f"step {step.name} is run by convert() itself, not by run()")
+            t = time.perf_counter()
+            pass_ = ctx.ran[step.name] = step.make(ctx)
+            modified = pass_(model).modified or modified
+            if timings is not None:
+                timings[step.stage] = timings.get(step.stage, 0.0) + time.perf_counter() - t
+            if peak_rss is not None:
+                peak_rss[step.name] = round(peak_rss_mib(), 1)
+    finally:
+        if ctx.plan.gram_source is not None:
+            ctx.plan.gram_source.close()
+            ctx.plan.gram_source = None
     return modified

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import SerqError
+from .gram_chunks import DEFAULT_GRAM_MEMORY_MIB, check_budget
 
 SCHEMES = {
     # name: (bits_w, bits_a)
@@ -62,6 +63,10 @@ class ConvertConfig:
     # Regular expression (re.search) over decoder linears' labels (layers.3.mlp.down_proj) and
     # node names: only those are converted, the rest stay float. None: every one.
     layers: str | None = None
+    # MiB of GPTQ Gram matrices held at once (serq_onnx.gram_chunks): over it, they are
+    # collected and consumed in chunks of layers, one calibration pass per chunk. The model is
+    # the same either way.
+    gram_memory_mib: float = DEFAULT_GRAM_MEMORY_MIB
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -89,6 +94,7 @@ class ConvertConfig:
             except (re.error, TypeError) as err:
                 raise SerqError(f"--layers {self.layers!r} is not a regular expression ({err}); "
                                 r"e.g. 'mlp' or 'layers\.(0|1)\.'") from None
+        object.__setattr__(self, "gram_memory_mib", check_budget(self.gram_memory_mib))
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
             raise SerqError(f"gptq_damp must be a number in (0, 1], got {damp!r}")
@@ -190,7 +196,7 @@ class InputGroup:
     mlp_nodes: list = field(default_factory=list)  # mlp_act: the ops between them and the product
     absmax: np.ndarray | None = None
     absmean: np.ndarray | None = None  # per-channel mean |x| (calibrated for l2qer only)
-    gram: np.ndarray | None = None  # float64 [K, K]: sum over calibration tokens of x^T x
+    gram: np.ndarray | None = None  # float32 [K, K]: sum over calibration tokens of x^T x
     tokens: int = 0  # calibration tokens behind ``gram``
     s: np.ndarray | None = None
     perm: np.ndarray | None = None
@@ -211,6 +217,9 @@ class Plan:
     config: ConvertConfig
     groups: list[InputGroup] = field(default_factory=list)
     left_float: list[str] = field(default_factory=list)  # linears --layers did not select
+    # Where GPTQPass collects the Gram matrices chunk by chunk when they did not all fit
+    # gram_memory_mib (passes.calibrate.SavedFloatGraph); None: CalibratePass collected them.
+    gram_source: object | None = None
 
     @property
     def targets(self) -> list[Target]:
