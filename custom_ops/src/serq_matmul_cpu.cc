@@ -138,7 +138,6 @@ SerqMatMulCpuKernel::SerqMatMulCpuKernel(const OrtKernelInfo* info_ptr) {
     PackPanels(L_, P_, static_cast<const uint8_t*>(validated_[kB]), static_cast<const float*>(validated_[kScales]),
                static_cast<const int32_t*>(validated_[kWsum]), 0, P_.n_groups, store);
     panels_ = store;
-    packed_ = true;
   }
   if (const char* v = std::getenv("SERQ_ONNX_VERBOSE"); v && *v && std::strcmp(v, "0") != 0) {
     std::fprintf(stderr, "SerqMatMul: K=%lld N=%lld rank=%lld block=%lld bits_w=%lld bits_a=%lld: %s kernel\n",
@@ -185,7 +184,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   const auto* Bp = static_cast<const uint8_t*>(B.data);
   const auto* sp = static_cast<const float*>(scales.data);
   const auto* wp = static_cast<const int32_t*>(wsum.data);
-  const bool use_packed = packed_ && B.data == validated_[kB] && scales.data == validated_[kScales] &&
+  const bool use_packed = panels_ != nullptr && B.data == validated_[kB] && scales.data == validated_[kScales] &&
                           wsum.data == validated_[kWsum];
   const bool pack_now = P_.width && !use_packed;
 

@@ -40,8 +40,7 @@ class SerqMatMulCpuKernel {
   GemmKernel gemm_;
   QuantSpanKernels quant_;
   PanelLayout P_;
-  // Panels of constant weights, packed once here; fed weights are packed per call.
-  bool packed_ = false;
+  // Panels of constant weights, packed once here (nullptr: none; fed weights are packed per call).
   std::vector<uint8_t> panel_store_;  // P_.total_bytes() + 64: records from a 64-byte boundary
   const uint8_t* panels_ = nullptr;
   Ort::MemoryInfo cpu_memory_{nullptr};

@@ -37,7 +37,6 @@ struct PanelLayout {
   int64_t wsum_at = 0;        // == record_bytes where the record has no wsum
   int64_t record_bytes = 0;
 
-  int64_t group_cols() const { return static_cast<int64_t>(width) * group; }
   size_t total_bytes() const { return static_cast<size_t>(n_groups * active_blocks * record_bytes); }
 };
 
