@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from serq_onnx.errors import SerqError
 from serq_onnx.evaluate import causal_lm_spec, prefill_feed
-from serq_onnx.gram_chunks import plan_chunks
 from serq_onnx.modelio import save_for_session
 from serq_onnx.plan import InputGroup, Plan
 
@@ -297,8 +296,7 @@ class CalibratePass(PlanPass):
         if plan.gram_source is not None:  # an earlier calibration's: superseded
             plan.gram_source.close()
             plan.gram_source = None
-        self.chunks = (plan_chunks([g.K for g in groups], plan.config.gram_memory_mib)
-                       if want_gram else [])
+        self.chunks = plan.gram_chunks()
         source = None
         if len(self.chunks) > 1:
             source = SavedFloatGraph(model, groups, self.sequences, self.chunks, self.runner,

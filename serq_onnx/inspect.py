@@ -255,13 +255,6 @@ def _forward_flops(plan: Plan, vocab: int) -> float:
     return flops
 
 
-def gram_plan(plan: Plan) -> list[list[int]]:
-    """The Gram chunks ``convert`` would collect (group indices; none without GPTQ)."""
-    if plan.config.weight_quant != "gptq":
-        return []
-    return gram_chunks.plan_chunks([g.K for g in plan.groups], plan.config.gram_memory_mib)
-
-
 def _chunk_forward_flops(plan: Plan, chunks: list[list[int]]) -> float:
     """FLOPs per token of the forward passes that collect chunked Gram matrices: each runs the
     linears of the groups before its deepest one (the graph is cut after that group's input)."""
@@ -278,7 +271,7 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
     :data:`REFERENCE` (an idle desktop-class CPU) applied to this model's work."""
     cfg = plan.config
     weights = float(sum(t.K * t.N for t in plan.targets))
-    chunks = gram_plan(plan)
+    chunks = plan.gram_chunks()
     secs: dict[str, float] = {}
     if cfg.needs_calibration:
         secs["calibration"] = tokens * _forward_flops(plan, vocab) / FORWARD_FLOPS_PER_S
@@ -387,7 +380,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     size = _estimate_size(ir_model, plan, node_bytes, fuse)
     secs, peak = estimate(plan, tokens, seqlen, bytes_before, vocab, verify,
                           external=bool(output_dir.external_data_files(ir_model)))
-    chunks = gram_plan(plan)
+    chunks = plan.gram_chunks()
     note = ("an estimate: the rates of a measured SmolLM2-135M conversion on an idle "
             "desktop CPU applied to this model's FLOPs and weights; scale by your machine's "
             "speed")

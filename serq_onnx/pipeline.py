@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import gram_chunks
 from .plan import ConvertConfig, Plan
 
 # Largest relative RMS logit change the exact folds may cause: float32 rounding, or for FP16
@@ -193,7 +192,7 @@ def _gram_note(step: str, config: ConvertConfig, plan: Plan | None) -> str:
     purpose ("" where there is nothing to add)."""
     if plan is None or config.weight_quant != "gptq" or not plan.groups:
         return ""
-    chunks = gram_chunks.plan_chunks([g.K for g in plan.groups], config.gram_memory_mib)
+    chunks = plan.gram_chunks()
     if len(chunks) <= 1:
         return ""
     if step == "calibrate":

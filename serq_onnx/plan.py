@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import SerqError
-from .gram_chunks import DEFAULT_GRAM_MEMORY_MIB, check_budget
+from .gram_chunks import DEFAULT_GRAM_MEMORY_MIB, check_budget, plan_chunks
 
 SCHEMES = {
     # name: (bits_w, bits_a)
@@ -224,6 +224,13 @@ class Plan:
     @property
     def targets(self) -> list[Target]:
         return [t for g in self.groups for t in g.targets]
+
+    def gram_chunks(self) -> list[list[int]]:
+        """The group indices of each Gram collection under ``config.gram_memory_mib``, in
+        order (``serq_onnx.gram_chunks``); none without GPTQ."""
+        if self.config.weight_quant != "gptq":
+            return []
+        return plan_chunks([g.K for g in self.groups], self.config.gram_memory_mib)
 
 
 def initializer_array(value: ir.Value) -> np.ndarray:
