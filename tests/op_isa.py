@@ -14,11 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ORDER = ("scalar", "avx2", "avxvnni", "avx512vnni")
+ORDER = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")
 # CPU flags (/proc/cpuinfo spelling) the kernel's run-time detection requires (int_gemm_x86.cc).
 _FLAGS = {"avx2": {"avx2", "fma"},
           "avxvnni": {"avx2", "fma", "avx_vnni"},
-          "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
+          "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+          "amx": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"}}
 _CHOICE = re.compile(r"SerqMatMul: K=\d+ N=\d+ rank=\d+ block=\d+ bits_w=\d+ bits_a=\d+: (\w+) kernel")
 
 
@@ -40,9 +41,12 @@ def cpu_isas() -> list[str]:
 
 def expected_kernel(cap: str, bits_w: int, block: int) -> str:
     """The kernel the dispatch (X86GemmKernel) picks for a block shape, at most ``cap``: the
-    SIMD kernels read whole panel rows (8 codes with 4-bit weights, 4 with 8-bit), else scalar."""
+    SIMD kernels read whole panel rows (8 codes with 4-bit weights, 4 with 8-bit), else scalar;
+    AMX takes blocks of one tile step (<= 64 codes) or whole steps of 64, up to 512 codes."""
     if cap == "scalar" or block % (8 if bits_w == 4 else 4):
         return "scalar"
+    if cap == "amx" and not (block <= 64 or (block % 64 == 0 and block <= 512)):
+        return "avx512vnni"
     return cap
 
 

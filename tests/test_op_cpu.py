@@ -97,6 +97,12 @@ SHAPES = {
     "ga_multiple": (576, 24, 128, 128, 256, 4, 8, (6,)),
     "rank_k_4bit": (128, 16, 128, 128, 0, 4, 4, (2,)),
     "many_rows": (256, 40, 32, 64, 64, 4, 8, (67,)),
+    # tile kernels (AMX): row passes of 128 and pairs of 16-row tiles with partial tails, strips
+    # of 32 columns with a partial one, blocks of one K step and of several
+    "rows300_w4a4": (384, 72, 64, 128, 32, 4, 4, (300,)),
+    "rows40_w8a8": (320, 40, 64, 64, 128, 8, 8, (40,)),
+    "rows33_block256": (512, 48, 16, 256, 0, 4, 8, (3, 11)),
+    "rows17_w8a4_block16": (160, 37, 16, 16, 0, 8, 4, (17,)),
     "w8_block16": (160, 24, 16, 16, 0, 8, 8, (5,)),
     "m1_ga32_a4": (200, 44, 32, 64, 32, 4, 4, (1,)),
     "m1_w8": (576, 36, 64, 128, 0, 8, 8, (1, 1)),
@@ -117,7 +123,7 @@ def test_matches_reference(name, isa):
 
 # (bits_w, block): panel kernels take blocks of whole panel rows (8 codes with 4-bit weights, 4
 # with 8-bit); 4-bit blocks of 12 and 8-bit blocks of 6 take the scalar kernel.
-CHOICE_CASES = [(4, 128), (4, 32), (4, 8), (4, 12), (8, 128), (8, 4), (8, 6)]
+CHOICE_CASES = [(4, 128), (4, 32), (4, 8), (4, 12), (8, 128), (8, 4), (8, 6), (4, 96)]
 
 
 @pytest.mark.parametrize("cap", op_isa.ORDER)
@@ -130,10 +136,11 @@ def test_each_instruction_set_runs_and_matches(cap):
         K, N = 3 * block + 5, 37
         case = random_case(K, N, min(K, 2 * block + 3), block, block, bw, 8, seed=block + bw,
                            act_scale=True, act_perm=np.int32, bias=True)
-        A = _activations((5, K), seed=block)
         sess, used = op_isa.session_with_isa(lambda: session(make_model(case, ["M", K])), cap)
         assert used == op_isa.expected_kernel(cap, bw, block), (cap, bw, block, used)
-        _check(case, A, sess.run(None, {"A": A})[0])
+        for rows in (5, 37):  # decode-sized and tile-sized calls (AMX runs tiles for the latter)
+            A = _activations((rows, K), seed=block)
+            _check(case, A, sess.run(None, {"A": A})[0])
 
 
 @pytest.mark.parametrize(
@@ -327,7 +334,9 @@ def test_bad_perm_raises():
 
 
 @pytest.mark.parametrize("name", ["m1", "m1_ga32_a4", "m1_w8", "m1_n3", "3d_ga_lt_gw",
-                                  "ga_lt_gw_w8_a4", "many_rows", "k_pad_ga0", "w8_block16"])
+                                  "ga_lt_gw_w8_a4", "many_rows", "k_pad_ga0", "w8_block16",
+                                  "rows300_w4a4", "rows40_w8a8", "rows33_block256",
+                                  "rows17_w8a4_block16"])
 def test_instruction_sets_agree_bitwise(name, monkeypatch):
     """All micro-kernels compute exact integer block sums and combine them with the same float32
     operations in the same order, so their outputs are identical, not just close."""

@@ -85,6 +85,7 @@ Isa IsaFromEnv(Isa detected) {
   else if (!std::strcmp(env, "avx2")) want = Isa::kAvx2;
   else if (!std::strcmp(env, "avxvnni")) want = Isa::kAvxVnni;
   else if (!std::strcmp(env, "avx512vnni")) want = Isa::kAvx512Vnni;
+  else if (!std::strcmp(env, "amx")) want = Isa::kAmx;
   return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
 }
 
@@ -114,6 +115,7 @@ void StoreRow(const OutputSink& out, int64_t m, int64_t n0, int64_t ncols, const
 
 const char* IsaName(Isa isa) {
   switch (isa) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512Vnni: return "avx512vnni";
     case Isa::kAvxVnni: return "avxvnni";
     case Isa::kAvx2: return "avx2";
@@ -123,7 +125,9 @@ const char* IsaName(Isa isa) {
 
 Isa DetectIsa() {
   Isa best = Isa::kScalar;
-  if (X86CpuSupports(Isa::kAvx512Vnni)) {
+  if (X86CpuSupports(Isa::kAmx)) {
+    best = Isa::kAmx;
+  } else if (X86CpuSupports(Isa::kAvx512Vnni)) {
     best = Isa::kAvx512Vnni;
   } else if (X86CpuSupports(Isa::kAvxVnni)) {
     best = Isa::kAvxVnni;
@@ -138,7 +142,7 @@ GemmKernel SelectGemmKernel(const SerqLayout& L, Isa isa) {
     GemmKernel k;
     if (X86GemmKernel(L, static_cast<Isa>(level), &k)) return k;
   }
-  return GemmKernel{&GemmRegionScalar, 0, 0, 16, false, false, Isa::kScalar};
+  return GemmKernel{&GemmRegionScalar, 0, 0, 16, false, false, Isa::kScalar, 16, 0};
 }
 
 }  // namespace serq

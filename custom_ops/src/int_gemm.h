@@ -61,6 +61,8 @@ struct GemmKernel {
   bool needs_corr;  // whether it reads ActRows::corr
   bool centered;    // whether it reads centered activation codes (QuantRowOut::centered)
   Isa isa;          // instruction set actually used (a block shape may force a lower one)
+  int task_rows;    // rows per task of the caller's work split
+  int pad_rows;     // rows of activation codes past M it may read (never uses): scratch to reserve
 };
 
 // The kernel for this layout on (at most) `isa`.

@@ -1,6 +1,7 @@
 // x86 panel GEMMs: AVX2 (pmaddubsw + pmaddwd, 8 columns per register), AVX-VNNI (vpdpbusd, 8
-// columns) and AVX512-VNNI (vpdpbusd, 16 columns per register). Each is compiled with per-function target attributes and chosen at
-// run time, so the library still loads on CPUs without them.
+// columns), AVX512-VNNI (vpdpbusd, 16 columns per register) and AMX-INT8 (tiles, for prefill).
+// Each is compiled with per-function target attributes and chosen at run time, so the library
+// still loads on CPUs without them.
 #include <cstring>
 
 // GCC 12 warns inside its own avx512fintrin.h (_mm512_cvtepi32_ps builds on an undefined vector).
@@ -10,6 +11,11 @@
 
 #include "int_gemm.h"
 #include "x86_target.h"
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace serq {
 
@@ -146,9 +152,26 @@ struct Ops {
 #undef SERQ_T
 }  // namespace avx512
 
+namespace amx {
+#define SERQ_T SERQ_TARGET_AMX
+#include "panel_gemm_amx.inc"
+#undef SERQ_T
+}  // namespace amx
+
 template <class Ops>
 GemmKernel Make(GemmRegionFn run, bool w4, bool centered, Isa isa) {
-  return GemmKernel{run, Ops::W, Ops::kGroup, Ops::W * Ops::kGroup, w4, centered, isa};
+  return GemmKernel{run, Ops::W, Ops::kGroup, Ops::W * Ops::kGroup, w4, centered, isa, 16, 0};
+}
+
+// Linux gives a process the AMX tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); the permission then holds for all its threads.
+bool AmxPermitted() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -164,6 +187,9 @@ bool X86CpuSupports(Isa isa) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case Isa::kAmx:
+      return X86CpuSupports(Isa::kAvx512Vnni) && __builtin_cpu_supports("amx-tile") &&
+             __builtin_cpu_supports("amx-int8") && AmxPermitted();
     default:
       return true;
   }
@@ -174,6 +200,15 @@ bool X86GemmKernel(const SerqLayout& L, Isa isa, GemmKernel* out) {
   const bool w4 = L.a.bits_w == 4;
   // 4-bit weights and activations: centered activation codes fit s8 and spare the epilogue wsum.
   const bool c = w4 && L.a.bits_a == 4;
+  if (isa == Isa::kAmx) {
+    if (!amx::AmxFits(L)) return false;
+    *out = Make<avx512::Ops>(c ? &amx::Region<4, true> : w4 ? &amx::Region<4, false> : &amx::Region<8, false>, w4, c, isa);
+    // Tasks of many rows: the unpacked weights are shared by all of them; and activation rows
+    // are read in whole tiles of 16.
+    out->task_rows = static_cast<int>(amx::kPassRows);
+    out->pad_rows = amx::kTileRows;
+    return true;
+  }
   if (isa == Isa::kAvx512Vnni) {
     *out = Make<avx512::Ops>(c ? &avx512::Region<4, true> : w4 ? &avx512::Region<4, false> : &avx512::Region<8, false>, w4, c, isa);
     return true;

@@ -196,7 +196,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
 
   // All per-call memory comes from onnxruntime's allocator, in one piece.
   CallScratch scratch(context, cpu_memory_, 64, "CPU scratch memory");
-  const size_t o_codes = scratch.Reserve(static_cast<size_t>(M * L_.K_ext));
+  const size_t o_codes = scratch.Reserve(static_cast<size_t>((M + gemm_.pad_rows) * L_.K_ext));
   const size_t o_scale = scratch.Reserve(static_cast<size_t>(M * nb) * sizeof(float));
   const size_t o_zero = scratch.Reserve(static_cast<size_t>(M * nb) * sizeof(int32_t));
   const size_t o_corr = scratch.Reserve(gemm_.needs_corr ? static_cast<size_t>(M * nb) * sizeof(int32_t) : 0);
@@ -244,7 +244,7 @@ void SerqMatMulCpuKernel::Compute(OrtKernelContext* context) const {
   // Row chunks x column chunks (whole register tiles); one row (decode) is split over columns
   // only, into at least 32 tasks where the columns allow it.
   const int64_t unit = gemm_.tile_cols;
-  const int64_t rows_per_task = std::min<int64_t>(M, 16);
+  const int64_t rows_per_task = std::min<int64_t>(M, gemm_.task_rows);
   const int64_t row_tasks = CeilDiv(M, rows_per_task);
   int64_t cols = CeilTo(64, unit);
   while (cols > unit && row_tasks * CeilDiv(N, cols) < 32) cols -= unit;
