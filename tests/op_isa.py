@@ -28,14 +28,19 @@ def required_flags(isa: str) -> set[str]:
     return _FLAGS.get(isa, set())
 
 
-def cpu_isas() -> list[str]:
-    """Instruction sets this CPU supports, lowest first (scalar only off x86 Linux)."""
+def cpu_flags() -> set[str]:
+    """This CPU's /proc/cpuinfo flags (none off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ["scalar"]
+        return set()
     m = re.search(r"^flags\s*:(.*)$", text, re.M)
-    flags = set(m.group(1).split()) if m else set()
+    return set(m.group(1).split()) if m else set()
+
+
+def cpu_isas() -> list[str]:
+    """Instruction sets this CPU supports, lowest first (scalar only off x86 Linux)."""
+    flags = cpu_flags()
     return ["scalar"] + [isa for isa in ORDER[1:] if _FLAGS[isa] <= flags]
 
 

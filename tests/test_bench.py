@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
+import op_isa
 import serq_onnx
 from serq_onnx import bench, cli, reference
 
@@ -54,8 +55,13 @@ def test_one_node_helpers_compute_the_layer():
     w = _w()
     a = np.random.default_rng(0).standard_normal((M, K)).astype(np.float32)
     want = a @ w
+    # Per-tensor uint8 activations x per-column int8 weights: 1.1% here in exact integer
+    # arithmetic. Without VNNI, onnxruntime's u8s8 kernel (pmaddubsw) saturates pair sums at
+    # int16, which a numpy model of it puts at 3.5% for this layer.
+    vnni = {"avx_vnni", "avx512_vnni"} & op_isa.cpu_flags()
     for model, tol in [(bench.float_matmul(w), 1e-5), (bench.matmul_nbits(w, 32, 0), 0.2),
-                       (bench.matmul_nbits(w, 128, 4), 0.2), (bench.dynamic_int8_matmul(w), 0.03),
+                       (bench.matmul_nbits(w, 128, 4), 0.2),
+                       (bench.dynamic_int8_matmul(w), 0.03 if vnni else 0.05),
                        (bench.serq_matmul(w, bits_a=8, rank=128, group=128, group_a=128), 0.2)]:
         proto = onnx.load_from_string(model)
         assert len(proto.graph.node) == 1 and [o.name for o in proto.graph.output] == ["Y"]

@@ -5,9 +5,10 @@ Each is converted with the same calibration tokens as the Optimum export it come
 give the same model: the optimizer and the dynamo exporter only re-express the same float
 computation, so the same weights meet the same statistics. Measured on the tiny Llama: the two
 conversions' logits differ by 1.5e-7 of their norm (float32 rounding of differently ordered sums
-in calibration and in the norms), so a bound of 1e-4 leaves room for a rare activation code that
-rounds the other way and still catches any different quantization decision (those move the
-logits by 1e-2 or more).
+in calibration and in the norms) on AVX-512 machines, and by 1.8e-4 on an AVX2-only one, where
+onnxruntime's fused norms round differently enough to move a few activation codes by one step.
+A bound of 1e-3 leaves room for those and still catches any different quantization decision
+(those move the logits by 1e-2 or more).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import serq_onnx
 from serq_onnx.converter import convert
 
-SAME_MODEL = 1e-4
+SAME_MODEL = 1e-3
 
 
 def _calib(vocab: int) -> list[np.ndarray]:
