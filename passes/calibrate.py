@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from serq_onnx.errors import SerqError
 from serq_onnx.evaluate import causal_lm_spec, prefill_feed
+from serq_onnx.graph_cut import add_carry_outputs, feed_from_cut, plan_cuts
 from serq_onnx.modelio import save_for_session
 from serq_onnx.plan import InputGroup, Plan
 
@@ -110,23 +111,28 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
 
 # (statistics model file, output names, sequences) -> each sequence's outputs, in order. Called
 # while the file exists; it must have read what it needs by the time it returns.
-StatRunner = Callable[[Path, list[str], Sequence[np.ndarray]], Iterator[list[np.ndarray]]]
+# A sequence is its token ids, or the feed dict of a graph cut after an earlier pass.
+StatRunner = Callable[[Path, list[str], Sequence[np.ndarray | dict]], Iterator[list[np.ndarray]]]
 
 
 def statistics_session(path: Path, names: list[str], threads: int = 0
-                       ) -> Callable[[np.ndarray], list[np.ndarray]]:
+                       ) -> Callable[[np.ndarray | dict], list[np.ndarray]]:
     """One sequence -> its statistic outputs ``names``, from an onnxruntime session on the
     model at ``path`` (made now: the file may go once this returns). ``threads``: intra-op
     threads (0: onnxruntime's default). The model may lack the logits and KV outputs (a graph
-    cut after its last statistic); it is fed as the export it came from."""
+    cut after its last statistic); it is fed as the export it came from. A sequence given as a
+    dict is the feed itself: the tensors an earlier pass handed on to a graph cut before
+    (``serq_onnx.graph_cut``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if not any(i.name == "input_ids" for i in sess.get_inputs()):  # cut: fed dicts only
+        return lambda feed: sess.run(names, feed)
     spec = causal_lm_spec(sess, need_outputs=False)
-    return lambda seq: sess.run(names, prefill_feed(spec, seq))
+    return lambda seq: sess.run(names, seq if isinstance(seq, dict) else prefill_feed(spec, seq))
 
 
 def run_statistics(path: Path, names: list[str], sequences: Sequence[np.ndarray]
@@ -166,6 +172,22 @@ def check_gram(group: InputGroup, gram: np.ndarray) -> None:
                         "cannot be used on this model")
 
 
+class _CarriedFeeds(Sequence):
+    """The tensors one pass handed on, per sequence, read from its folder when asked for."""
+
+    def __init__(self, folder: Path, names: list[str], n: int):
+        self.folder, self.names, self.n = folder, names, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        with np.load(self.folder / f"{i}.npz") as f:
+            return {name: f[f"arr_{j}"] for j, name in enumerate(self.names)}
+
+
 class SavedFloatGraph:
     """The float graph as calibration saw it, on disk until ``GPTQPass`` has collected the Gram
     matrices of every chunk (``chunks``: group indices, in graph order) from it.
@@ -175,7 +197,9 @@ class SavedFloatGraph:
     copy of the weights). :meth:`close` removes the folder; so do garbage collection and
     interpreter exit, whichever comes first. Statistics models keep only the statistic outputs
     and the nodes they need: the forward pass stops at the deepest group asked for (onnxruntime
-    does not drop unused nodes itself).
+    does not drop unused nodes itself). Chunks collected in order also start where the
+    previous one stopped (``serq_onnx.graph_cut``): each hands on, in the folder, the tensors
+    the next one reads, so the chunk passes together run the graph about once.
     """
 
     FILE = "float.onnx"
@@ -190,6 +214,8 @@ class SavedFloatGraph:
         self.runner, self.progress = runner, progress
         self.opset = _opset(model)
         self.models_built = 0
+        self.cuts = plan_cuts(model, [[self.values[i] for i in chunk] for chunk in chunks])
+        self.cut_passes = 0  # chunk passes that started from an earlier one's tensors
         self.folder = Path(tempfile.mkdtemp(prefix="serq-grams-"))
         self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         try:
@@ -213,13 +239,50 @@ class SavedFloatGraph:
         if self.closed:
             raise SerqError("the saved float graph was already removed; run CalibratePass "
                             "again before GPTQPass")
-        path, names = self._statistics_model(indices, absmax, abssum, gram)
+        c = self._chunk_of(indices)
+        carry = self.cuts.carry[c] if c is not None else []
+        fed = self._carried(c)
+        items = self.sequences if fed is None else fed
+        path, names = self._statistics_model(indices, absmax, abssum, gram, carry,
+                                             fed[0] if fed is not None else None)
         try:
-            results = (self.runner or run_statistics)(path, names, self.sequences)
+            results = (self.runner or run_statistics)(path, names, items)
         finally:
             path.unlink(missing_ok=True)
-        return accumulate(self.sequences, results, [self.ks[i] for i in indices], absmax,
+        n_stats = len(names) - len(carry)
+        if carry:
+            results = self._hand_on(results, n_stats, self._carry_dir(c + 1))
+        sums = accumulate(self.sequences, results, [self.ks[i] for i in indices], absmax,
                           abssum, gram, self.progress, desc)
+        if fed is not None:
+            self.cut_passes += 1
+            shutil.rmtree(fed.folder, ignore_errors=True)
+        if carry:
+            (self._carry_dir(c + 1) / "complete").touch()
+        return sums
+
+    def _chunk_of(self, indices: Sequence[int]) -> int | None:
+        """Which chunk ``indices`` are, where the graph can be cut (else None)."""
+        wanted = list(indices)
+        return self.chunks.index(wanted) if self.cuts and wanted in self.chunks else None
+
+    def _carry_dir(self, c: int) -> Path:
+        return self.folder / f"carry-{c}"
+
+    def _carried(self, c: int | None) -> _CarriedFeeds | None:
+        """Chunk ``c``'s feeds, where the pass before it handed them on in full."""
+        if not c or not (self._carry_dir(c) / "complete").is_file():
+            return None
+        return _CarriedFeeds(self._carry_dir(c), self.cuts.inputs[c], len(self.sequences))
+
+    @staticmethod
+    def _hand_on(results: Iterable[list[np.ndarray]], n_stats: int, folder: Path
+                 ) -> Iterator[list[np.ndarray]]:
+        """Each sequence's statistics, its tensors for the next pass saved in ``folder``."""
+        folder.mkdir(exist_ok=True)
+        for i, outs in enumerate(results):
+            np.savez(folder / f"{i}.npz", *outs[n_stats:])
+            yield outs[:n_stats]
 
     def grams(self, indices: Sequence[int], groups: Sequence[InputGroup], desc: str
               ) -> tuple[list[np.ndarray], int]:
@@ -230,7 +293,10 @@ class SavedFloatGraph:
         return grams, tokens
 
     def _statistics_model(self, indices: Sequence[int], absmax: bool, abssum: bool,
-                          gram: bool) -> tuple[Path, list[str]]:
+                          gram: bool, carry: Sequence[str] = (),
+                          fed: dict[str, np.ndarray] | None = None) -> tuple[Path, list[str]]:
+        """The statistics model of the groups ``indices``, also handing on the tensors
+        ``carry``; ``fed`` (one sequence's feeds): cut to start from those tensors."""
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
         model = ir.load(self.folder / self.FILE)
@@ -249,8 +315,11 @@ class SavedFloatGraph:
                 graph.register_initializer(v)
             graph.extend(nodes)
             outputs += outs if absmax else outs[1:]  # outs: absmax[, abssum][, gram]
+        outputs += add_carry_outputs(graph, carry)
         graph.outputs.clear()
         graph.outputs.extend(outputs)
+        if fed is not None:
+            feed_from_cut(graph, fed)
         RemoveUnusedNodesPass()(model)
         self.models_built += 1
         path = self.folder / f"statistics-{self.models_built}.onnx"

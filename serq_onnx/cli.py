@@ -113,7 +113,8 @@ def _add_conversion_options(p) -> None:
                    metavar="MIB",
                    help="MiB of GPTQ Gram matrices (float32 K x K per layer input) held at once; "
                    "where they all exceed it, they are collected and used in chunks of layers, "
-                   "one more pass over the calibration text per chunk, for the same model "
+                   "one more pass over the calibration text per chunk, each starting where the "
+                   "one before stopped, for the same model "
                    "(0: one layer input at a time; inf: never split; summing briefly holds about "
                    f"3x this; default {gram_chunks.DEFAULT_GRAM_MEMORY_MIB:g})")
     p.add_argument("--no-fuse", action="store_true",

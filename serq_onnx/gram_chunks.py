@@ -7,9 +7,11 @@ them all in its one pass over the calibration text, as it always did. When they 
 groups are cut, in graph order, into chunks whose Gram matrices fit the budget; calibration then
 collects only the per-channel statistics, and ``GPTQPass`` runs the calibration text once more
 per chunk through the float graph cut after that chunk's deepest group, quantizing each chunk
-before the next is collected. The sums are the same float32 additions in the same order either
-way, so the model is bit-identical; the price is one more forward pass (up to the chunk's depth)
-per chunk.
+before the next is collected. Each pass starts from the tensors the one before handed on
+(``serq_onnx.graph_cut``), so all of them together run the float graph about once. The sums
+are the same float32 additions in the same order either way, so the model is bit-identical;
+the price is about one more forward pass over the calibration text, and disk for the tensors
+handed on between two passes.
 
 A group whose Gram matrix alone exceeds the budget is a chunk by itself (the budget cannot be
 met, and refusing would only stop the conversion); so a budget of 0 collects one group at a

@@ -256,13 +256,14 @@ def _forward_flops(plan: Plan, vocab: int) -> float:
 
 
 def _chunk_forward_flops(plan: Plan, chunks: list[list[int]]) -> float:
-    """FLOPs per token of the forward passes that collect chunked Gram matrices: each runs the
-    linears of the groups before its deepest one (the graph is cut after that group's input)."""
+    """FLOPs per token of the forward passes that collect chunked Gram matrices: together they
+    run the linears before the last chunk's deepest group once (each pass starts where the one
+    before stopped and is cut after its deepest group's input: ``serq_onnx.graph_cut``; graphs
+    it does not cut, FP16 ones among them, run more: each pass from the start)."""
     if len(chunks) <= 1:
         return 0.0
     per_group = [2.0 * sum(t.K * t.N for t in g.targets) for g in plan.groups]
-    before = np.concatenate([[0.0], np.cumsum(per_group)])
-    return float(sum(before[chunk[-1]] for chunk in chunks))
+    return float(sum(per_group[:chunks[-1][-1]]))
 
 
 def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int,

@@ -124,7 +124,11 @@ def test_chunk_graphs_stop_at_their_deepest_layer(tiny_llama, tmp_path, calib_id
                                                   monkeypatch):
     """The per-channel pass and each chunk run graphs with only their statistic outputs (no
     logits, no KV cache), pruned after their deepest group input; all refer to the one saved
-    copy of the float weights."""
+    copy of the float weights. Each chunk after the first starts from the tensors the one before
+    handed on (``serq_onnx.graph_cut``), so the chunk passes together run each node of the
+    float graph once."""
+    from serq_onnx.graph_cut import CARRY_SUFFIX
+
     seen = _recording_runner(monkeypatch)
     convert(tiny_llama.onnx_path, tmp_path / "o", calib_ids=calib_ids, rank=16,
             gram_memory_mib=FOUR_CHUNKS, verify=False, **QUIET)
@@ -132,21 +136,58 @@ def test_chunk_graphs_stop_at_their_deepest_layer(tiny_llama, tmp_path, calib_id
     first, chunks = seen[0], seen[1:]
     assert first["folder"].name.startswith("serq-grams-")
     assert all(s["folder"] == first["folder"] for s in chunks)
-    for s in seen:  # the float graph, its data, and this statistics model
-        assert s["files"] == sorted(["float.onnx", "float.onnx.data", s["file"]])
+    for c, s in enumerate(seen):  # the float graph, its data, this statistics model (and the
+        fed = [f"carry-{c - 1}"] if c >= 2 else []  # tensors handed on to it)
+        assert s["files"] == sorted(["float.onnx", "float.onnx.data", s["file"], *fed])
         assert s["outputs"] == s["names"]
         assert "logits" not in s["outputs"] and not any(o.startswith("present.")
                                                        for o in s["outputs"])
     assert all(n.endswith("/absmax") for n in first["outputs"]) and len(first["outputs"]) == 9
     want_groups = [[0, 1, 2], [3, 4], [5, 6], [7, 8]]
-    for s, groups in zip(chunks, want_groups):
-        assert s["outputs"] == [f"serq_calib/{i}/gram" for i in groups]
+    for c, (s, groups) in enumerate(zip(chunks, want_groups)):
+        stats = [o for o in s["outputs"] if not o.endswith(CARRY_SUFFIX)]
+        assert stats == [f"serq_calib/{i}/gram" for i in groups]
+        carried = len(s["outputs"]) - len(stats)
+        assert (carried > 0) == (c < 3), "only the last chunk hands nothing on"
     layer1 = ["/layers.1/" in n for n in chunks[0]["nodes"]]
     assert not any(layer1), "chunk 1 (layer 0 only) still computes layer 1"
     assert any("/layers.1/" in n for n in chunks[1]["nodes"])  # q1's input is layer 1's norm
+    assert not any("/layers.0/self_attn/" in n for s in chunks[1:] for n in s["nodes"])
     assert not any("lm_head" in n for s in seen for n in s["nodes"])  # the head is never run
-    sizes = [len(s["nodes"]) for s in chunks]
-    assert sizes == sorted(sizes) and sizes[0] < len(first["nodes"])
+    graph_nodes = [n for s in chunks for n in s["nodes"]
+                   if not n.startswith("serq_calib/") and not n.endswith(CARRY_SUFFIX)]
+    assert len(graph_nodes) == len(set(graph_nodes)), "a node ran in two chunk passes"
+    assert len(graph_nodes) < len(first["nodes"])
+
+
+def test_graph_cut_hands_on_what_later_passes_read():
+    """A chain x -> a -> b -> t -> c with a side tensor s = Neg(x) that only the last chunk
+    reads: the last pass computes s, so the graph input x is handed on through pass 1 (which
+    does not read it) beside a; half-precision and control-flow graphs are not cut."""
+    from serq_onnx.graph_cut import plan_cuts
+
+    text = """<ir_version: 8, opset_import: ["" : 18]>
+    g (float[N] x) => (float[N] c) {
+        a = Relu(x)
+        s = Neg(x)
+        b = Relu(a)
+        t = Add(b, s)
+        c = Relu(t)
+    }"""
+    model = ir.from_proto(onnx.parser.parse_model(text))
+    cuts = plan_cuts(model, [["a"], ["b"], ["t"]])
+    assert cuts.inputs == [[], ["x", "a"], ["x", "b"]]
+    assert cuts.carry == [["x", "a"], ["x", "b"], []]
+    assert plan_cuts(model, [["x"], ["t"]]).inputs == [[], ["x"]]  # a graph input, handed on
+    half = ir.from_proto(onnx.parser.parse_model(text.replace("float", "float16")))
+    assert plan_cuts(half, [["a"], ["b"]]) is None
+    looped = ir.from_proto(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 18]>
+    g (bool cond, float[N] x) => (float[N] y) {
+        a = Relu(x)
+        y = If(cond) <then_branch = t () => (float[N] o) { o = Neg(a) },
+                      else_branch = e () => (float[N] o) { o = Relu(a) }>
+    }"""))
+    assert plan_cuts(looped, [["a"], ["y"]]) is None
 
 
 @pytest.mark.parametrize("fail_in", ["salient", "gptq"])
@@ -306,9 +347,9 @@ def test_inspect_and_dry_run_report_the_calibration_passes(tiny_llama, tmp_path,
     assert "--gram-memory must be a number of MiB >= 0" in capsys.readouterr().err
 
 
-def test_estimate_adds_each_chunks_partial_forward_pass(tiny_llama):
-    """Each chunk's pass runs the linears before its deepest group: chunks ending at groups 2,
-    4, 6 and 8 of 9 run 2/9 ... 8/9 of the decoder's linear FLOPs (the head never)."""
+def test_estimate_adds_the_chunks_forward_pass(tiny_llama):
+    """The chunk passes start where the one before stopped: together they run the linears
+    before the last chunk's deepest group (group 8 of 9: the decoder, not the head) once."""
     from serq_onnx import inspect as insp
     from serq_onnx import passes
     from serq_onnx.modelio import load_model
@@ -320,7 +361,7 @@ def test_estimate_adds_each_chunks_partial_forward_pass(tiny_llama):
         passes.FindTargetsPass(plan)(model)
         secs[budget] = insp.estimate(plan, 10**6, 64, 10**6, 320)[0]
     flops = [2.0 * sum(t.K * t.N for t in g.targets) for g in plan.groups]
-    want = sum(sum(flops[:last]) for last in (2, 4, 6, 8)) * 10**6 / insp.FORWARD_FLOPS_PER_S
+    want = sum(flops[:8]) * 10**6 / insp.FORWARD_FLOPS_PER_S
     extra = secs[FOUR_CHUNKS]["calibration"] - secs[4096]["calibration"]
     assert extra == pytest.approx(want, rel=1e-9) and extra > 0
     assert secs[FOUR_CHUNKS]["gptq"] == secs[4096]["gptq"]
