@@ -34,7 +34,8 @@ from serq_onnx.errors import SerqError  # noqa: E402
 
 CACHE = Path(os.environ.get("SERQ_CACHE", REPO / ".cache"))
 MODEL = CACHE / "smollm2-135m"
-ALL = ["float32", "matmulnbits-w4-g32-int8", "ort-int8", "serq-w4a8", "serq-w4a4", "llama.cpp"]
+ALL = ["float32", "matmulnbits-w4-g32-int8", "ort-int8", "ort-int8-rr", "serq-w4a8", "serq-w4a4",
+       "llama.cpp"]
 DEFAULT_PROFILE = ["float32", "serq-w4a8"]
 
 
@@ -99,12 +100,14 @@ def build_variants(args: argparse.Namespace, names: list[str]) -> tuple[list[mb.
             path = mb.build_nbits(args.float_model, args.work, block_size=32, accuracy_level=4,
                                   progress=progress)
             out.append(mb.Variant(name, path, note="MatMulNBits 4-bit g32, accuracy_level 4"))
-        elif name == "ort-int8":
+        elif name in ("ort-int8", "ort-int8-rr"):
             print(f"-- {name}: building or reusing under {args.work}", flush=True)
             per_channel = not args.int8_per_tensor
-            path = mb.build_int8(args.float_model, args.work, per_channel=per_channel)
+            rr = name == "ort-int8-rr"  # 7-bit weights: what onnxruntime advises without VNNI
+            path = mb.build_int8(args.float_model, args.work, per_channel=per_channel,
+                                 reduce_range=rr)
             out.append(mb.Variant(name, path, note="quantize_dynamic QInt8 " + (
-                "per-channel" if per_channel else "per-tensor")))
+                "per-channel" if per_channel else "per-tensor") + (", reduce_range" if rr else "")))
         elif name in ("serq-w4a8", "serq-w4a4"):
             path = _onnx_file(getattr(args, name.replace("-", "_")))
             if not path.is_file():

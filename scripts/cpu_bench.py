@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("float32", float_model.parent), ("serq-w4a8", models["w4a8"]),
                 ("serq-w4a4", models["w4a4"]),
                 ("matmulnbits-w4-g32-int8", work / "matmulnbits-w4-g32-acc4"),
-                ("ort-int8", work / "ort-int8")]
+                ("ort-int8", work / "ort-int8"),
+                ("ort-int8-rr", work / "ort-int8-reduce-range")]
     for name, folder in variants:
         if not (folder / "model.onnx").is_file():
             print(f"== {name}: no model in {folder}, perplexity skipped", flush=True)

@@ -145,19 +145,24 @@ def build_nbits(float_model: str | os.PathLike, work: str | os.PathLike, *, bloc
 
 
 def build_int8(float_model: str | os.PathLike, work: str | os.PathLike, *,
-               per_channel: bool = True) -> Path:
+               per_channel: bool = True, reduce_range: bool = False) -> Path:
     """onnxruntime's dynamic int8 quantization (``quantize_dynamic``, QInt8 weights, uint8
     dynamic activations) of the same decoder linears ``serq-onnx convert`` converts; built once
     under ``work`` (written to a temporary folder there and renamed into place): ``ort-int8``
-    with per-channel weight scales, ``ort-int8-per-tensor`` with one scale per weight."""
+    with per-channel weight scales, ``ort-int8-per-tensor`` with one scale per weight.
+    ``reduce_range`` (``-reduce-range``): 7-bit weights, onnxruntime's documented remedy for
+    CPUs without VNNI, whose u8 x s8 kernel (pmaddubsw) saturates int16 pair sums."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     float_model = Path(float_model)
-    out = Path(work) / ("ort-int8" if per_channel else "ort-int8-per-tensor")
+    out = Path(work) / (("ort-int8" if per_channel else "ort-int8-per-tensor")
+                        + ("-reduce-range" if reduce_range else ""))
     record = _read_json(out / INT8_CONFIG_FILE)
     if (record and record.get("model") == str(float_model)
-            and record.get("per_channel") == per_channel and (out / "model.onnx").is_file()):
+            and record.get("per_channel") == per_channel
+            and record.get("reduce_range", False) == reduce_range
+            and (out / "model.onnx").is_file()):
         return out / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     names = _target_node_names(float_model)
@@ -171,7 +176,8 @@ def build_int8(float_model: str | os.PathLike, work: str | os.PathLike, *,
         root.setLevel(logging.WARNING)  # the quantizer logs every tensor at INFO
         try:
             quantize_dynamic(float_model, tmp / "model.onnx", op_types_to_quantize=["MatMul"],
-                             per_channel=per_channel, weight_type=QuantType.QInt8,
+                             per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8,
                              nodes_to_quantize=names, extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)
@@ -180,7 +186,8 @@ def build_int8(float_model: str | os.PathLike, work: str | os.PathLike, *,
                 (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / INT8_CONFIG_FILE).write_text(json.dumps({
             "model": str(float_model), "quantizer": "onnxruntime.quantization.quantize_dynamic",
-            "weight_type": "QInt8", "per_channel": per_channel, "onnxruntime":
+            "weight_type": "QInt8", "per_channel": per_channel, "reduce_range": reduce_range,
+            "onnxruntime":
             onnxruntime.__version__, "layers_quantized": len(names),
             "seconds": time.perf_counter() - t0}, indent=2) + "\n")
         if out.exists():

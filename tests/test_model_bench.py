@@ -136,6 +136,28 @@ def _hand_built(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     return path, {"MatMul": 5, "Relu": 1, "Add": 1, "Constant": 1, "Transpose": 1, "Sigmoid": 1}
 
 
+def test_int8_baselines_full_and_reduced_range(tiny_llama, tmp_path):
+    """The dynamic int8 baselines quantize every decoder linear to QInt8: full range (codes up
+    to +-127) and, with reduce_range, 7 bits (|code| <= 64, onnxruntime's remedy for CPUs
+    without VNNI); each is built once and found again by its record."""
+    full = mb.build_int8(tiny_llama.onnx_path, tmp_path)
+    rr = mb.build_int8(tiny_llama.onnx_path, tmp_path, reduce_range=True)
+    assert (full.parent.name, rr.parent.name) == ("ort-int8", "ort-int8-reduce-range")
+    peaks = {}
+    for path in (full, rr):
+        model = onnx.load(str(path))
+        qs = [numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.data_type == TensorProto.INT8 and len(t.dims) == 2]  # weights, not zeros
+        assert len(qs) == 7 * tiny_llama.config["num_hidden_layers"]  # q k v o gate up down
+        peaks[path.parent.name] = max(int(np.abs(q.astype(np.int32)).max()) for q in qs)
+        assert json.loads((path.parent / mb.INT8_CONFIG_FILE).read_text())["reduce_range"] == (
+            path == rr)
+    assert peaks["ort-int8"] > 100 and peaks["ort-int8-reduce-range"] <= 64
+    stamp = rr.stat().st_mtime_ns
+    assert mb.build_int8(tiny_llama.onnx_path, tmp_path, reduce_range=True) == rr
+    assert rr.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
 def test_node_counts_and_linear_nodes(tmp_path):
     path, by_op = _hand_built(tmp_path)
     counts = mb.model_node_counts(path)
