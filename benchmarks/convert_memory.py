@@ -16,6 +16,7 @@ import argparse
 import json
 import shlex
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,10 @@ def model_bytes(model: Path) -> int:
 
 def measure(cmd: list[str], cap: int, interval: float = 0.2) -> dict:
     t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Run from a neutral folder: `python -m` puts the working directory first on sys.path, and
+    # from the repository root that is the source tree, without the passes an install maps in.
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=tempfile.gettempdir())
     proc, peak, killed = psutil.Process(child.pid), 0, False
     while child.poll() is None:
         rss = _tree_rss(proc)
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="",
                    help="further convert flags, one quoted string (default none)")
     args = p.parse_args(argv)
+    args.model, args.out, args.calib = (p.resolve() for p in (args.model, args.out, args.calib))
     cmd = [sys.executable, "-m", "serq_onnx.cli", "convert", str(args.model), "-o",
            str(args.out), "--calib", str(args.calib), "--calib-samples", str(args.samples),
            "--calib-seqlen", str(args.seqlen), "--overwrite", "-q", *shlex.split(args.extra)]
