@@ -154,15 +154,24 @@ def accumulate(sequences: Sequence[np.ndarray], results: Iterable[list[np.ndarra
     sums = [np.zeros(K, np.float64) for K in ks] if abssum else []
     grams = [np.zeros((K, K), GRAM_DTYPE) for K in ks] if gram else []
     tokens = 0
-    for seq, outs in tqdm(zip(sequences, results), total=len(sequences), desc=desc, unit="seq",
-                          disable=not progress):
-        tokens += len(seq)
-        for acc, o in zip(maxes, outs[::per_group]):
-            np.maximum(acc, o, out=acc)
-        for acc, o in zip(sums, outs[absmax::per_group]):
-            acc += o
-        for acc, o in zip(grams, outs[absmax + abssum::per_group]):
-            acc += o
+    it = iter(results)
+    # No zip or tqdm around `results`: both would hold one sequence's outputs while the runner
+    # makes the next one's, and with Gram matrices one set is as large as the sums.
+    with tqdm(total=len(sequences), desc=desc, unit="seq", disable=not progress) as bar:
+        for seq in sequences:
+            outs = next(it, None)
+            if outs is None:
+                raise SerqError(f"the calibration runner returned no statistics for sequence "
+                                f"{bar.n + 1} of {len(sequences)}")
+            tokens += len(seq)
+            for acc, o in zip(maxes, outs[::per_group]):
+                np.maximum(acc, o, out=acc)
+            for acc, o in zip(sums, outs[absmax::per_group]):
+                acc += o
+            for acc, o in zip(grams, outs[absmax + abssum::per_group]):
+                acc += o
+            o = outs = None  # freed before the next sequence's outputs are made
+            bar.update(1)
     return maxes, sums, grams, tokens
 
 
@@ -280,9 +289,14 @@ class SavedFloatGraph:
                  ) -> Iterator[list[np.ndarray]]:
         """Each sequence's statistics, its tensors for the next pass saved in ``folder``."""
         folder.mkdir(exist_ok=True)
-        for i, outs in enumerate(results):
+        i = 0
+        for outs in results:  # (not enumerate: its tuple would hold the outputs, see accumulate)
             np.savez(folder / f"{i}.npz", *outs[n_stats:])
-            yield outs[:n_stats]
+            stats = outs[:n_stats]
+            outs = None
+            yield stats
+            stats = None
+            i += 1
 
     def grams(self, indices: Sequence[int], groups: Sequence[InputGroup], desc: str
               ) -> tuple[list[np.ndarray], int]:

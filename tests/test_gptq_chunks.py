@@ -365,3 +365,34 @@ def test_estimate_adds_the_chunks_forward_pass(tiny_llama):
     extra = secs[FOUR_CHUNKS]["calibration"] - secs[4096]["calibration"]
     assert extra == pytest.approx(want, rel=1e-9) and extra > 0
     assert secs[FOUR_CHUNKS]["gptq"] == secs[4096]["gptq"]
+
+
+@pytest.mark.parametrize("hand_on", [False, True])
+def test_each_sequences_outputs_freed_before_the_next_runs(tmp_path, hand_on):
+    """A sequence's statistics (one set is as large as the Gram sums) are dropped before the
+    runner makes the next sequence's: summing holds the sums and one set, not two; also through
+    the chunk pass that hands tensors on."""
+    import weakref
+
+    from serq_onnx.passes.calibrate import SavedFloatGraph, accumulate
+
+    seqs = [np.zeros(5, np.int64)] * 3
+    alive: list = []
+
+    def runner():
+        for _ in seqs:
+            held = [r for r in alive if r() is not None]
+            assert not held, "the previous sequence's outputs are still held"
+            outs = [np.ones(4, np.float32), np.ones((4, 4), np.float32), np.ones(2, np.float32)]
+            alive.append(weakref.ref(outs[1]))
+            yield outs
+            outs = None
+
+    results = runner()
+    if hand_on:
+        results = SavedFloatGraph._hand_on(results, 2, tmp_path / "carry")
+    _, _, grams, tokens = accumulate(seqs, results, [4], True, False, True, progress=False)
+    assert tokens == 15 and np.all(grams[0] == 3) and len(alive) == 3
+    if hand_on:
+        assert sorted(p.name for p in (tmp_path / "carry").iterdir()) == ["0.npz", "1.npz",
+                                                                          "2.npz"]
