@@ -291,7 +291,12 @@ class SavedFloatGraph:
         folder.mkdir(exist_ok=True)
         i = 0
         for outs in results:  # (not enumerate: its tuple would hold the outputs, see accumulate)
-            np.savez(folder / f"{i}.npz", *outs[n_stats:])
+            try:
+                np.savez(folder / f"{i}.npz", *outs[n_stats:])
+            except OSError as err:
+                raise SerqError(f"cannot save the tensors one Gram pass hands on to the next in "
+                                f"{folder} ({err.strerror or err}): free disk space there or "
+                                "point TMPDIR at a larger disk") from None
             stats = outs[:n_stats]
             outs = None
             yield stats

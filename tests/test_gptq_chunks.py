@@ -396,3 +396,25 @@ def test_each_sequences_outputs_freed_before_the_next_runs(tmp_path, hand_on):
     if hand_on:
         assert sorted(p.name for p in (tmp_path / "carry").iterdir()) == ["0.npz", "1.npz",
                                                                           "2.npz"]
+
+
+def test_no_room_for_the_handed_on_tensors_is_a_clear_error(tiny_llama, tmp_path, calib_ids,
+                                                             monkeypatch):
+    """A full disk while a chunk pass saves what it hands on: an error naming the folder and
+    what to do; no output, and the temporary folder is gone."""
+    import errno
+
+    from serq_onnx import passes
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(passes.calibrate.np, "savez", full)
+    with pytest.raises(SerqError, match=r"cannot save the tensors one Gram pass hands on .*"
+                       r"No space left on device.*TMPDIR"):
+        convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids, rank=16,
+                gram_memory_mib=FOUR_CHUNKS, verify=False, **QUIET)
+    assert not (tmp_path / "out").exists() and list(tmp.iterdir()) == []
