@@ -11,10 +11,11 @@ node once, instead of once per chunk above it.
 The nodes run on the same float inputs as in the uncut graph, so every statistic is the same
 (``tests/test_gptq_chunks.py`` checks the model bit for bit). Two kinds of graph are not cut
 (:func:`plan_cuts` returns None, and each pass runs from the token ids): graphs with control
-flow (nodes holding subgraphs, which may read outer values unseen here), and FP16 / BF16 ones:
-onnxruntime's CPU runs their half-precision nodes in float32 and keeps tensors in float32
-between such nodes, so a tensor handed on in half precision would be rounded where the uncut
-graph does not round it (measured: Gram matrices off by up to 1e-4 of their scale).
+flow (nodes holding subgraphs, which may read outer values unseen here), and FP16 / BF16 ones,
+whose cut passes were measured off (the tiny FP16 Llama's Gram matrices by up to 5e-4 of their
+largest entry). The likely cause: onnxruntime's CPU provider runs most half-precision nodes in
+float32 through casts it inserts, so the uncut graph need not round a tensor that a cut graph
+is fed rounded to half precision.
 """
 
 from __future__ import annotations
