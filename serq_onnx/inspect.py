@@ -58,6 +58,11 @@ OTHER_S_PER_BYTE = REFERENCE["other_s"] / REFERENCE["model_bytes"]
 # Resident memory of a Python process with numpy, onnx_ir, onnxruntime and tokenizers loaded:
 # the tiny test model's conversion peaks at 154 MiB (its arrays are negligible).
 BASE_RSS = 150 * MIB
+# Peak bytes per Gram entry held while summing: the float32 sums, the float32 set one
+# calibration run returns, and onnxruntime's buffers. Measured over round to nearest on
+# SmolLM2-135M (411 MiB for 39.8 M entries: 10.8 B) and over loading on the synthetic 0.47B
+# (4833 MiB for 479 M entries: 10.6 B), each sequence's set freed before the next runs.
+GRAM_PEAK_BYTES_PER_ENTRY = 11
 # Peak resident memory over the float model's bytes beyond BASE_RSS and the Gram matrices,
 # measured on a synthetic 129 MiB Llama (8 layers of hidden 512, intermediate 2048; round to
 # nearest, 4 x 256 calibration tokens; models/RESULTS-scale.md): 595 MiB peak from one
@@ -292,10 +297,9 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
     secs["total"] = sum(secs.values())
     # Peak: MODEL_COPIES (MODEL_COPIES_EXTERNAL for a model with external data) times the
     # float model, the logits of one sequence, and for GPTQ the Gram matrices of the largest
-    # chunk (every group when they fit --gram-memory), kept until the sweep: the float32 sums
-    # and the float32 set one calibration run returns (12 bytes per entry measured: 432 MiB
-    # over round to nearest for 455 predicted).
-    grams = max((sum(plan.groups[i].K ** 2 for i in c) for c in chunks), default=0) * (8 + 4)
+    # chunk (every group when they fit --gram-memory), kept until the sweep.
+    grams = max((sum(plan.groups[i].K ** 2 for i in c) for c in chunks), default=0) * (
+        GRAM_PEAK_BYTES_PER_ENTRY)
     logits = seqlen * vocab * 4
     copies = MODEL_COPIES_EXTERNAL if external else MODEL_COPIES
     peak = BASE_RSS + copies * bytes_before + grams + logits

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from serq_onnx import gram_chunks, pipeline
+from serq_onnx import gram_chunks, inspect, pipeline
 from serq_onnx.cli import main
 from serq_onnx.converter import convert
 from serq_onnx.errors import SerqError
@@ -326,8 +326,8 @@ def test_inspect_and_dry_run_report_the_calibration_passes(tiny_llama, tmp_path,
     assert "in 4 chunks" in by_name["gptq"] and "kept on disk" in by_name["calibrate"]
     assert "chunks" not in {p["name"]: p["purpose"] for p in whole.passes}["gptq"]
     # its Gram matrices are all that is held: the largest chunk's, not all of them
-    assert whole.estimate_peak_bytes - chunked.estimate_peak_bytes == 12 * (
-        sum(k * k for k in TINY_KS) - (64 * 64 + 160 * 160))
+    assert whole.estimate_peak_bytes - chunked.estimate_peak_bytes == (
+        inspect.GRAM_PEAK_BYTES_PER_ENTRY * (sum(k * k for k in TINY_KS) - (64 * 64 + 160 * 160)))
     # a real conversion makes the passes inspect says
     rep = convert(model, tmp_path / "o", calib_samples=2, calib_seqlen=32, rank=16,
                   gram_memory_mib=FOUR_CHUNKS, verify=False, progress=False,
