@@ -16,8 +16,8 @@ import argparse
 import json
 import shlex
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="",
                    help="further convert flags, one quoted string (default none)")
     args = p.parse_args(argv)
-    args.model, args.out, args.calib = (p.resolve() for p in (args.model, args.out, args.calib))
+    args.model, args.out, args.calib = (a.resolve() for a in (args.model, args.out, args.calib))
     cmd = [sys.executable, "-m", "serq_onnx.cli", "convert", str(args.model), "-o",
            str(args.out), "--calib", str(args.calib), "--calib-samples", str(args.samples),
            "--calib-seqlen", str(args.seqlen), "--overwrite", "-q", *shlex.split(args.extra)]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from serq_onnx.errors import SerqError
 from serq_onnx.evaluate import causal_lm_spec, prefill_feed
-from serq_onnx.graph_cut import add_carry_outputs, feed_from_cut, plan_cuts
+from serq_onnx.graph_cut import add_carry_outputs, feed_from_cut, plan_cuts, values_by_name
 from serq_onnx.modelio import save_for_session
 from serq_onnx.plan import InputGroup, Plan
 
@@ -224,7 +224,6 @@ class SavedFloatGraph:
         self.opset = _opset(model)
         self.models_built = 0
         self.cuts = plan_cuts(model, [[self.values[i] for i in chunk] for chunk in chunks])
-        self.cut_passes = 0  # chunk passes that started from an earlier one's tensors
         self.folder = Path(tempfile.mkdtemp(prefix="serq-grams-"))
         self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         try:
@@ -264,7 +263,6 @@ class SavedFloatGraph:
         sums = accumulate(self.sequences, results, [self.ks[i] for i in indices], absmax,
                           abssum, gram, self.progress, desc)
         if fed is not None:
-            self.cut_passes += 1
             shutil.rmtree(fed.folder, ignore_errors=True)
         if carry:
             (self._carry_dir(c + 1) / "complete").touch()
@@ -320,8 +318,7 @@ class SavedFloatGraph:
 
         model = ir.load(self.folder / self.FILE)
         graph = model.graph
-        values = {v.name: v for v in graph.inputs}
-        values.update((v.name, v) for n in graph for v in n.outputs)
+        values = values_by_name(graph)
         outputs: list[ir.Value] = []
         for i in indices:
             value = values.get(self.values[i])

@@ -37,7 +37,17 @@ class CutPlan:
     fed the export's own inputs), and ``carry[c]``, those it hands on (``inputs[c + 1]``)."""
 
     inputs: list[list[str]]
-    carry: list[list[str]]
+
+    @property
+    def carry(self) -> list[list[str]]:
+        return self.inputs[1:] + [[]]
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """The graph's inputs and node outputs by name."""
+    values = {v.name: v for v in graph.inputs}
+    values.update((v.name, v) for n in graph for v in n.outputs)
+    return values
 
 
 _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -74,8 +84,7 @@ def plan_cuts(model: ir.Model, chunk_values: Sequence[Sequence[str]]) -> CutPlan
         return None
     nodes = list(graph)
     index = {node: i for i, node in enumerate(nodes)}
-    values = {v.name: v for v in graph.inputs}
-    values.update((v.name, v) for n in nodes for v in n.outputs)
+    values = values_by_name(graph)
     inits = set(graph.initializers)
 
     def fed(v: ir.Value | None, done: set[int]) -> bool:
@@ -101,14 +110,13 @@ def plan_cuts(model: ir.Model, chunk_values: Sequence[Sequence[str]]) -> CutPlan
         inputs[c] = reads[c] | (inputs[c + 1] - produced[c] if c + 1 < n else set())
     order = {v: i for i, v in enumerate(values)}  # graph order: the same names every time
     ordered = [sorted(s, key=order.__getitem__) for s in inputs]
-    return CutPlan(inputs=ordered, carry=ordered[1:] + [[]])
+    return CutPlan(inputs=ordered)
 
 
 def add_carry_outputs(graph: ir.Graph, names: Sequence[str]) -> list[ir.Value]:
     """Outputs ``<name>/serq_carry`` (Identity) handing each tensor ``names`` on; returned in
     order, for the caller to make graph outputs."""
-    values = {v.name: v for v in graph.inputs}
-    values.update((v.name, v) for n in graph for v in n.outputs)
+    values = values_by_name(graph)
     outs = []
     for name in names:
         node = ir.Node("", "Identity", [values[name]], name=f"{name}{CARRY_SUFFIX}",
@@ -122,8 +130,7 @@ def feed_from_cut(graph: ir.Graph, feeds: dict[str, np.ndarray]) -> None:
     """Make the tensors named in ``feeds`` the graph's only inputs (typed as those arrays),
     instead of the values the earlier nodes compute; those nodes are left unused, for
     ``RemoveUnusedNodesPass`` to drop."""
-    values = {v.name: v for v in graph.inputs}
-    values.update((v.name, v) for n in graph for v in n.outputs)
+    values = values_by_name(graph)
     new_inputs = []
     for name, arr in feeds.items():
         old = values[name]

@@ -187,8 +187,7 @@ def build_int8(float_model: str | os.PathLike, work: str | os.PathLike, *,
         (tmp / INT8_CONFIG_FILE).write_text(json.dumps({
             "model": str(float_model), "quantizer": "onnxruntime.quantization.quantize_dynamic",
             "weight_type": "QInt8", "per_channel": per_channel, "reduce_range": reduce_range,
-            "onnxruntime":
-            onnxruntime.__version__, "layers_quantized": len(names),
+            "onnxruntime": onnxruntime.__version__, "layers_quantized": len(names),
             "seconds": time.perf_counter() - t0}, indent=2) + "\n")
         if out.exists():
             import shutil
