@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -111,17 +112,22 @@ def stage(model_path: Path, out_dir: Path, model: ir.Model) -> tuple[Path, Path]
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM while the old output is swapped out and removed, so that no
-    signal leaves the swap half done; a held signal is delivered afterwards."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, ValueError, OSError):
-        yield
+    signal leaves the swap half done; a held signal is delivered afterwards. Handlers, not a
+    signal mask: a mask covers only the calling thread, and onnxruntime's or tqdm's threads
+    would take the signal and have it raised in the main thread all the same."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set handlers; signals are raised there anyway
         return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def commit(tmp: Path, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -159,3 +160,38 @@ def test_signal_during_save_leaves_nothing(user_tree, tmp_path, sig, code):
     assert "Traceback" not in err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
+def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch):
+    """Sent while another thread runs (as onnxruntime's and tqdm's do), SIGINT still waits
+    until the new output is in place and the old one gone, then interrupts."""
+    from serq_onnx import output_dir
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    new, out = tmp_path / ".out.tmp-x", tmp_path / "out"
+    new.mkdir()
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    (new / "new.txt").write_text("new")
+    real_rename, seen = Path.rename, []
+
+    def rename(self, target):
+        if not seen:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # time for the signal to land, in whichever thread
+        seen.append(self.name)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            output_dir.commit(new, out)
+            pytest.fail("the held SIGINT was not delivered after the swap")
+    finally:
+        stop.set()
+        worker.join()
+    assert seen == ["out", ".out.tmp-x"]  # both renames ran
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "new.txt").read_text() == "new"
