@@ -207,7 +207,7 @@ class GPTQPass(PlanPass):
             raise SerqError(f"GPTQ for {group.name} needs calibration Gram matrices and the "
                             "flattening scales; run CalibratePass and FoldFlatteningPass first")
         hessian = layer_hessian(group.gram, group.tokens, group.s, group.perm)
-        w = np.concatenate([t.residual for t in group.targets], axis=1)
+        w = np.concatenate([t.residual_f32() for t in group.targets], axis=1)
         bits_w = {t.layer_bits(cfg)[0] for t in group.targets}
         if len(bits_w) != 1:
             raise SerqError(f"{group.name}: layers reading one input must share weight bits")

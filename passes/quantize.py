@@ -23,7 +23,7 @@ def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.nda
     layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
                               group_a=cfg.group_a, bits_w=bits_w, bits_a=bits_a)
     t.weights = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
-    t.residual = None  # the float copy is no longer needed
+    t.residual = t.w_hat = None  # the float weight is no longer needed
 
 
 def require_residuals(p: PlanPass) -> None:
@@ -47,7 +47,7 @@ class QuantizeWeightsPass(PlanPass):
         cfg = self.plan.config
         for t in tqdm(self.plan.targets, desc="quantizing", unit="layer",
                       disable=not self.progress):
-            codes, scales = reference.quantize_weight(t.residual, t.layer_bits(cfg)[0], cfg.group_w,
-                                                      search=cfg.weight_scale == "mse")
+            codes, scales = reference.quantize_weight(t.residual_f32(), t.layer_bits(cfg)[0],
+                                                      cfg.group_w, search=cfg.weight_scale == "mse")
             pack_target(t, cfg, codes, scales)
         return ir.passes.PassResult(model, modified=False)

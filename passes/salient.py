@@ -2,11 +2,16 @@
 
 Because the weights are saliency-ordered, the salient channels are the contiguous slice ``:r``;
 ``R`` (4-bit, one scale per column) and the residual main weight are computed by
-``reference.salient_split`` so the op and the converter share one definition.
+``reference.salient_split`` so the op and the converter share one definition. Where ``W^``
+is computed when read (float32 graphs), so is the residual: only its first ``r`` rows are kept,
+so that no layer's float main weight stays resident until the quantizer reaches it.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import onnx_ir as ir
 
 from serq_onnx import reference
@@ -27,7 +32,21 @@ class SalientReconstructionPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for t in self.plan.targets:
-            t.r_codes, t.r_scale, t.residual = reference.salient_split(
-                t.weight_f32(), t.layer_rank(cfg), t.layer_bits(cfg)[0])
-            t.w_hat = None
+            rank = t.layer_rank(cfg)
+            t.r_codes, t.r_scale, residual = reference.salient_split(
+                t.weight_f32(), rank, t.layer_bits(cfg)[0])
+            if isinstance(t.w_hat, np.ndarray):  # held anyway (FP16 graphs): hand it on
+                t.residual, t.w_hat = residual, None
+            else:
+                t.residual = _recomputed(t.weight_f32, residual[:rank].copy())
         return ir.passes.PassResult(model, modified=False)
+
+
+def _recomputed(weight: Callable[[], np.ndarray], head: np.ndarray) -> Callable[[], np.ndarray]:
+    """The residual from a fresh ``W^`` (``weight`` returns a new array each call) and its
+    first rows ``head``; bit-identical to ``salient_split``'s, since ``W^`` is deterministic."""
+    def residual() -> np.ndarray:
+        w = weight()
+        w[: len(head)] = head
+        return w
+    return residual

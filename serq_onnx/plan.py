@@ -146,7 +146,8 @@ class Target:
     weights: object | None = None  # reference.SerqWeights once quantized
     r_codes: np.ndarray | None = None
     r_scale: np.ndarray | None = None
-    residual: np.ndarray | None = None
+    # the main weight before quantization (SalientReconstructionPass), or a function computing it
+    residual: np.ndarray | Callable[[], np.ndarray] | None = None
     # float32 flattened, permuted weight (the graph may hold FP16), or a function computing it
     w_hat: np.ndarray | Callable[[], np.ndarray] | None = None
     bits: tuple[int, int] | None = None  # (bits_w, bits_a) of this layer when not the scheme's
@@ -173,6 +174,10 @@ class Target:
         if self.w_hat is not None:
             return self.w_hat
         return initializer_array(self.weight).astype(np.float32)
+
+    def residual_f32(self) -> np.ndarray:
+        """The residual main weight the quantizers round, in float32."""
+        return self.residual() if callable(self.residual) else self.residual
 
 
 @dataclass(eq=False)

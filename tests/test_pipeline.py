@@ -160,3 +160,24 @@ def test_pipeline_equals_the_hand_sequenced_passes(tiny_llama, method, fuse):
     assert inits_a.keys() == inits_b.keys()
     for k in inits_a:
         np.testing.assert_array_equal(inits_a[k], inits_b[k], err_msg=k)
+
+
+def test_float32_residuals_are_recomputed_bit_identically(tiny_llama):
+    """Float32 graphs keep only R's rows of each residual; reading it gives what
+    ``salient_split`` returns, each read a fresh array (the quantizers may overwrite it)."""
+    from serq_onnx import passes, reference
+
+    model, plan = _found(tiny_llama, rank=16, group_w=32)
+    passes.CalibratePass(plan, [np.arange(16) % 300], progress=False)(model)
+    for p in (passes.FoldFlatteningPass, passes.PermuteWeightsPass,
+              passes.SalientReconstructionPass):
+        p(plan)(model)
+    cfg = plan.config
+    for t in plan.targets:
+        assert callable(t.residual), t.name
+        first, second = t.residual_f32(), t.residual_f32()
+        assert first is not second
+        _, _, expected = reference.salient_split(t.weight_f32(), t.layer_rank(cfg),
+                                                 t.layer_bits(cfg)[0])
+        np.testing.assert_array_equal(first, expected, err_msg=t.name)
+        np.testing.assert_array_equal(second, expected, err_msg=t.name)
