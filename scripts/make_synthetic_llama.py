@@ -6,7 +6,8 @@ writes ``/tmp/llama-0.5b/hf`` (``save_pretrained``, the tiny byte-level tokenize
 ``/tmp/llama-0.5b/onnx/model.onnx`` (Optimum, float32; over 2 GB its weights go to external
 data, as Optimum writes them). No training: the weights are ``transformers``' initialisation,
 so the sizes, shapes and memory of a conversion are those of a real model of that size while
-its accuracy means nothing. ``--hf-only`` skips the export.
+its accuracy means nothing. ``--hf-only`` skips the export; ``--no-validate`` skips Optimum's
+comparison of the export with PyTorch (which holds both at once: the export's peak memory).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def param_count(hidden_size: int, intermediate_size: int, num_hidden_layers: int
     return num_hidden_layers * layer + 2 * vocab_size * hidden_size + hidden_size
 
 
-def make(size: str, out: Path, export: bool = True) -> Path:
+def make(size: str, out: Path, export: bool = True, validate: bool = True) -> Path:
     """Save the random Llama ``size`` under ``out/hf`` and, with ``export``, its ONNX export
-    under ``out/onnx``; returns the model file (or the HF folder)."""
+    under ``out/onnx`` (checked against PyTorch with ``validate``); returns the model file (or
+    the HF folder)."""
     from serq_onnx.export import export_causal_lm, make_tiny_model
 
     hf = out / "hf"
@@ -46,7 +48,7 @@ def make(size: str, out: Path, export: bool = True) -> Path:
         make_tiny_model(hf, "llama", seed=0, **SIZES[size])
     if not export:
         return hf
-    return export_causal_lm(hf, out / "onnx")
+    return export_causal_lm(hf, out / "onnx", validate=validate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="output folder (hf/ and onnx/ go inside)")
     p.add_argument("--hf-only", action="store_true",
                    help="save the PyTorch model only (default: also export)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip Optimum's check of the export against PyTorch")
     args = p.parse_args(argv)
     n = param_count(**SIZES[args.size])
     print(f"{args.size}: {n / 1e9:.3f} B parameters, {4 * n / 2**30:.2f} GiB in float32",
           file=sys.stderr)
-    print(make(args.size, args.out, export=not args.hf_only))
+    print(make(args.size, args.out, export=not args.hf_only, validate=not args.no_validate))
     return 0
 
 

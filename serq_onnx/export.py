@@ -33,9 +33,11 @@ TINY_VOCAB = 320  # 256 byte symbols + 2 special tokens + merges
 
 
 def export_causal_lm(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     task: str = "text-generation-with-past", dtype: str = "fp32") -> Path:
+                     task: str = "text-generation-with-past", dtype: str = "fp32",
+                     validate: bool = True) -> Path:
     """Export ``hf_dir`` with Optimum (on the CPU, ``dtype`` fp32 or fp16) into ``out_dir``;
-    returns ``model.onnx``.
+    returns ``model.onnx``. ``validate``: Optimum's check of the export against PyTorch (it
+    holds the PyTorch model and an onnxruntime session at once, the export's peak memory).
 
     Does nothing if ``out_dir/model.onnx`` exists. The export is written to a temporary folder
     and moved in with ``model.onnx`` last, so an interrupted export is never mistaken for a
@@ -56,7 +58,7 @@ def export_causal_lm(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         main_export(str(hf_dir), tmp, task=task, device="cpu", dtype=dtype,
-                    local_files_only=True)
+                    local_files_only=True, do_validation=validate)
         if not (tmp / "model.onnx").is_file():
             raise SerqError(f"Optimum wrote no model.onnx for {hf_dir} (task {task}); "
                             "check that the task suits this model")
