@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from serq_onnx.errors import SerqError
-from serq_onnx.plan import Target, initializer_array, set_initializer
+from serq_onnx.plan import Target, cast_checked
 
 from ._base import PlanPass
 
@@ -21,11 +21,14 @@ def _release(tensor) -> None:
 
 
 def set_flattened_lazily(t: Target, s: np.ndarray, perm: np.ndarray) -> None:
-    """Make ``t``'s weight ``W^ = (diag(s) W)[perm]`` without holding it: the graph's
-    initializer and ``t.w_hat`` compute it from the original (memory-mapped for external
-    data) each time they are read -- when the fold check saves the model, when the quantizers
-    take it -- so a whole model's flattened float weights are never resident at once."""
+    """Make ``t``'s weight ``W^ = (diag(s) W)[pi]`` without holding it: the graph's
+    initializer (in the graph's dtype) and ``t.w_hat`` (float32) compute it from the original
+    (memory-mapped for external data) each time they are read -- when the fold check saves
+    the model, when the quantizers take it -- so a whole model's flattened float weights are
+    never resident at once. Computed once here where the graph is not float32, so that an
+    overflow of its dtype is reported now rather than midway through the fold check."""
     src = t.weight.const_value
+    dtype = src.dtype.numpy()
 
     def flattened() -> np.ndarray:
         w = src.numpy().astype(np.float32)
@@ -33,9 +36,14 @@ def set_flattened_lazily(t: Target, s: np.ndarray, perm: np.ndarray) -> None:
         _release(src)
         return out
 
+    def stored() -> ir.TensorProtocol:
+        return ir.tensor(cast_checked(flattened(), dtype, t.weight.name))
+
+    if dtype != np.float32:
+        stored()
     t.w_hat = flattened
-    t.weight.const_value = ir.LazyTensor(lambda: ir.tensor(flattened()), dtype=ir.DataType.FLOAT,
-                                         shape=ir.Shape(src.shape), name=t.weight.name)
+    t.weight.const_value = ir.LazyTensor(stored, dtype=src.dtype, shape=ir.Shape(src.shape),
+                                         name=t.weight.name)
 
 
 class PermuteWeightsPass(PlanPass):
@@ -52,11 +60,5 @@ class PermuteWeightsPass(PlanPass):
                 if len(t.weight.uses()) != 1:
                     raise SerqError(f"{t.name}: its weight is shared with other nodes; "
                                     "serq-onnx needs one weight per linear layer")
-                if t.weight.const_value.dtype == ir.DataType.FLOAT:
-                    set_flattened_lazily(t, group.s, group.perm)
-                    continue
-                # FP16: computed now, so that an overflow of FP16 is reported here.
-                w = initializer_array(t.weight).astype(np.float32)
-                t.w_hat = np.ascontiguousarray((group.s[:, None] * w)[group.perm])
-                set_initializer(model.graph, t.weight, t.w_hat)
+                set_flattened_lazily(t, group.s, group.perm)
         return ir.passes.PassResult(model, modified=True)

@@ -2,9 +2,9 @@
 
 Because the weights are saliency-ordered, the salient channels are the contiguous slice ``:r``;
 ``R`` (4-bit, one scale per column) and the residual main weight are computed by
-``reference.salient_split`` so the op and the converter share one definition. Where ``W^``
-is computed when read (float32 graphs), so is the residual: only its first ``r`` rows are kept,
-so that no layer's float main weight stays resident until the quantizer reaches it.
+``reference.salient_split`` so the op and the converter share one definition. ``W^`` is
+computed when read (PermuteWeightsPass), and so is the residual: only its first ``r`` rows are
+kept, so that no layer's float main weight stays resident until the quantizer reaches it.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ class SalientReconstructionPass(PlanPass):
             rank = t.layer_rank(cfg)
             t.r_codes, t.r_scale, residual = reference.salient_split(
                 t.weight_f32(), rank, t.layer_bits(cfg)[0])
-            if isinstance(t.w_hat, np.ndarray):  # held anyway (FP16 graphs): hand it on
-                t.residual, t.w_hat = residual, None
-            else:
-                t.residual = _recomputed(t.weight_f32, residual[:rank].copy())
+            t.residual = _recomputed(t.weight_f32, residual[:rank].copy())
         return ir.passes.PassResult(model, modified=False)
 
 

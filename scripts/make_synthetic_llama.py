@@ -7,7 +7,7 @@ writes ``/tmp/llama-0.5b/hf`` (``save_pretrained``, the tiny byte-level tokenize
 data, as Optimum writes them). No training: the weights are ``transformers``' initialisation,
 so the sizes, shapes and memory of a conversion are those of a real model of that size while
 its accuracy means nothing. ``--hf-only`` skips the export; ``--no-validate`` skips Optimum's
-comparison of the export with PyTorch (which holds both at once: the export's peak memory).
+comparison of the export with PyTorch (time; the export's peak memory is its serialization).
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ def export_causal_lm(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      task: str = "text-generation-with-past", dtype: str = "fp32",
                      validate: bool = True) -> Path:
     """Export ``hf_dir`` with Optimum (on the CPU, ``dtype`` fp32 or fp16) into ``out_dir``;
-    returns ``model.onnx``. ``validate``: Optimum's check of the export against PyTorch (it
-    holds the PyTorch model and an onnxruntime session at once, the export's peak memory).
+    returns ``model.onnx``. ``validate``: Optimum's check of the export against PyTorch (a
+    second onnxruntime session and PyTorch run: time, not the peak, which is the export's
+    own serialization).
 
     Does nothing if ``out_dir/model.onnx`` exists. The export is written to a temporary folder
     and moved in with ``model.onnx`` last, so an interrupted export is never mistaken for a

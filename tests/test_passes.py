@@ -352,3 +352,43 @@ def test_untie_lm_head_leaves_other_transposes():
     model = _model(text, embed=_rng_weights(0, E=(K, 40))["E"].T.copy(),
                    gamma=np.ones(K, np.float32), Wd=np.eye(K, dtype=np.float32))
     assert not passes.UntieLMHeadPass()(model).modified
+
+
+def _matmul_target(model: ir.Model):
+    from serq_onnx.plan import Target
+
+    node = next(iter(model.graph))
+    return Target(node=node, name="w", role="q", layer=0, K=K, N=N)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_flattened_weight_is_computed_when_read_in_the_graphs_dtype(dtype):
+    """``W^ = (diag(s) W)[pi]``: float32 for the quantizers, the graph's dtype in the graph,
+    a fresh array each read (nothing held)."""
+    from serq_onnx.passes.permute_weights import set_flattened_lazily
+
+    w = np.random.default_rng(0).standard_normal((K, N)).astype(dtype)
+    model = _model(f"""<ir_version: 8, opset_import: ["" : 17]>
+        g ({"float" if dtype == np.float32 else "float16"}[2, {K}] x) => (y) {{ y = MatMul(x, w) }}""", w=w)
+    t = _matmul_target(model)
+    s = np.linspace(0.5, 2.0, K).astype(np.float32)
+    perm = np.random.default_rng(1).permutation(K)
+    set_flattened_lazily(t, s, perm)
+    expected = (s[:, None] * w.astype(np.float32))[perm]
+    first, second = t.weight_f32(), t.weight_f32()
+    assert first is not second and first.dtype == np.float32
+    np.testing.assert_array_equal(first, expected)
+    stored = t.weight.const_value.numpy()
+    assert stored.dtype == dtype and t.weight.dtype == ir.DataType.from_numpy(np.dtype(dtype))
+    np.testing.assert_array_equal(stored, expected.astype(dtype))
+
+
+def test_flattened_fp16_weight_that_overflows_is_refused_by_name():
+    w = np.full((K, N), 30000.0, np.float16)
+    model = _model(f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float16[2, {K}] x) => (float16[2, {N}] y) {{ y = MatMul(x, w) }}""", w=w)
+    t = _matmul_target(model)
+    from serq_onnx.passes.permute_weights import set_flattened_lazily
+
+    with pytest.raises(SerqError, match="w: the flattened weight overflows float16.*float32 export"):
+        set_flattened_lazily(t, np.full(K, 3.0, np.float32), np.arange(K))

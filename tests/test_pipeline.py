@@ -162,12 +162,13 @@ def test_pipeline_equals_the_hand_sequenced_passes(tiny_llama, method, fuse):
         np.testing.assert_array_equal(inits_a[k], inits_b[k], err_msg=k)
 
 
-def test_float32_residuals_are_recomputed_bit_identically(tiny_llama):
-    """Float32 graphs keep only R's rows of each residual; reading it gives what
-    ``salient_split`` returns, each read a fresh array (the quantizers may overwrite it)."""
+@pytest.mark.parametrize("export", ["tiny_llama", "tiny_llama_fp16"])
+def test_residuals_are_recomputed_bit_identically(export, request):
+    """Only R's rows of each residual are kept; reading it gives what ``salient_split``
+    returns, each read a fresh array (the quantizers may overwrite it)."""
     from serq_onnx import passes, reference
 
-    model, plan = _found(tiny_llama, rank=16, group_w=32)
+    model, plan = _found(request.getfixturevalue(export), rank=16, group_w=32)
     passes.CalibratePass(plan, [np.arange(16) % 300], progress=False)(model)
     for p in (passes.FoldFlatteningPass, passes.PermuteWeightsPass,
               passes.SalientReconstructionPass):
