@@ -18,12 +18,13 @@ from ._base import PlanPass
 
 
 def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.ndarray) -> None:
-    """Set ``t.weights`` from its main codes ``[K, N]`` and scales and its R; drop the residual."""
+    """Set ``t.weights`` from its main codes ``[K, N]`` and scales and its R; drop the float
+    residual and R's codes."""
     bits_w, bits_a = t.layer_bits(cfg)
     layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
                               group_a=cfg.group_a, bits_w=bits_w, bits_a=bits_a)
     t.weights = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
-    t.residual = t.w_hat = None  # the float weight is no longer needed
+    t.residual = t.w_hat = t.r_codes = t.r_scale = None
 
 
 def require_residuals(p: PlanPass) -> None:

@@ -293,14 +293,14 @@ def unpack_weight_codes(B: np.ndarray, bits_w: int) -> np.ndarray:
 
 @dataclass
 class SerqWeights:
-    """The op's weight inputs plus the float pieces they came from (for diagnostics)."""
+    """The op's weight inputs (and, from :func:`build_serq_weights`, the residual they came
+    from, for diagnostics)."""
 
     layout: Layout
     B: np.ndarray  # uint8
     scales: np.ndarray  # float32 [N, K_ext / group_w]
     wsum: np.ndarray  # int32 [N, K_ext / block]
     residual: np.ndarray | None  # float32 [K, N]: the main weight before quantization
-    R: np.ndarray  # float32 [r, N]: dequantized salient correction
 
     def initializers(self) -> dict:
         return {"B": self.B, "scales": self.scales, "wsum": self.wsum}
@@ -342,10 +342,9 @@ def assemble_weights(layout: Layout, main_codes: np.ndarray, main_scales: np.nda
     scales = np.empty((L.N, n_main + n_r), dtype=np.float32)
     scales[:, :n_main] = main_scales.T
     scales[:, n_main:] = np.asarray(r_scale, np.float32)[:, None]
-    deq_r = r_codes.astype(np.float32) * np.asarray(r_scale, np.float32)[None, :]
     return SerqWeights(layout=L, B=pack_weight_codes(codes, L.bits_w),
                        scales=np.ascontiguousarray(scales), wsum=block_sums(codes, L.block),
-                       residual=None, R=deq_r)
+                       residual=None)
 
 
 def build_serq_weights(w_hat: np.ndarray, layout: Layout) -> SerqWeights:
