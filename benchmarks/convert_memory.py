@@ -1,13 +1,15 @@
 """Peak resident memory and wall time of ``serq-onnx convert`` on one model, with a memory cap.
 
     .venv/bin/python benchmarks/convert_memory.py MODEL.onnx OUT_DIR --calib emma.txt \
-        [--samples 4 --seqlen 256] [--cap-gib 20] [--json result.json] [--extra "--weight-quant rtn"]
+        [--samples 4 --seqlen 256] [--cap-gib 20] [--json result.json] [--extra="--weight-quant rtn"]
 
 Runs the conversion as a child process, samples the resident memory of it and its children
-every 0.2 s (psutil) and kills it when the sum passes ``--cap-gib`` (so a model too big for
-the machine fails alone instead of pushing the machine into the OOM killer). Prints one JSON
-line: model bytes on disk, peak RSS, wall seconds, the conversion's own per-stage timings and
-peak RSS (``serq_config.json``), and whether it was killed.
+every 0.2 s (psutil) and kills it when their anonymous memory passes ``--cap-gib`` (so a model
+too big for the machine fails alone instead of pushing the machine into the OOM killer). Prints
+one JSON line: model bytes on disk, peak RSS and peak anonymous RSS (RSS less the file-backed
+pages, which the kernel can drop and read again: what memory pressure cannot reclaim; they
+differ where sessions map the weights, ``--low-memory``), wall seconds, the conversion's own
+per-stage timings and peak RSS (``serq_config.json``), and whether it was killed.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from pathlib import Path
 import psutil
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    """RSS and anonymous RSS (RSS less the file-backed and shared pages) of ``proc`` and its
+    children."""
+    total = anon = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += info.rss
+        anon += info.rss - info.shared
+    return total, anon
 
 
 def model_bytes(model: Path) -> int:
@@ -47,17 +53,18 @@ def measure(cmd: list[str], cap: int, interval: float = 0.2) -> dict:
     # from the repository root that is the source tree, without the passes an install maps in.
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              cwd=tempfile.gettempdir())
-    proc, peak, killed = psutil.Process(child.pid), 0, False
+    proc, peak, peak_anon, killed = psutil.Process(child.pid), 0, 0, False
     while child.poll() is None:
-        rss = _tree_rss(proc)
-        peak = max(peak, rss)
-        if rss > cap:
+        rss, anon = _tree_rss(proc)
+        peak, peak_anon = max(peak, rss), max(peak_anon, anon)
+        if anon > cap:
             child.kill()
             killed = True
             break
         time.sleep(interval)
     out = child.communicate()[0]
     return {"rc": child.returncode, "killed_at_cap": killed, "peak_rss_mib": round(peak / 2**20),
+            "peak_anon_mib": round(peak_anon / 2**20),
             "wall_s": round(time.perf_counter() - t, 1), "tail": out[-2000:]}
 
 
@@ -69,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=4, help="calibration sequences (default 4)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--cap-gib", type=float, default=20.0,
-                   help="kill the conversion above this resident memory (default 20)")
+                   help="kill the conversion above this anonymous resident memory (default 20)")
     p.add_argument("--json", type=Path, default=None, help="also append the result here")
     p.add_argument("--extra", default="",
-                   help="further convert flags, one quoted string (default none)")
+                   help="further convert flags, one quoted string given as --extra=\"...\" (a lone "
+                   "flag after a space would be read as this script's own; default none)")
     args = p.parse_args(argv)
     args.model, args.out, args.calib = (a.resolve() for a in (args.model, args.out, args.calib))
     cmd = [sys.executable, "-m", "serq_onnx.cli", "convert", str(args.model), "-o",

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from serq_onnx.compare import session_options
 from serq_onnx.errors import SerqError
 from serq_onnx.evaluate import causal_lm_spec, prefill_feed
 from serq_onnx.graph_cut import add_carry_outputs, feed_from_cut, plan_cuts, values_by_name
@@ -115,18 +116,17 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
 StatRunner = Callable[[Path, list[str], Sequence[np.ndarray | dict]], Iterator[list[np.ndarray]]]
 
 
-def statistics_session(path: Path, names: list[str], threads: int = 0
+def statistics_session(path: Path, names: list[str], threads: int = 0, prepack: bool = True
                        ) -> Callable[[np.ndarray | dict], list[np.ndarray]]:
     """One sequence -> its statistic outputs ``names``, from an onnxruntime session on the
     model at ``path`` (made now: the file may go once this returns). ``threads``: intra-op
     threads (0: onnxruntime's default). The model may lack the logits and KV outputs (a graph
     cut after its last statistic); it is fed as the export it came from. A sequence given as a
     dict is the feed itself: the tensors an earlier pass handed on to a graph cut before
-    (``serq_onnx.graph_cut``)."""
+    (``serq_onnx.graph_cut``). ``prepack``: see :func:`serq_onnx.compare.session_options`."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so = session_options(prepack)
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     if not any(i.name == "input_ids" for i in sess.get_inputs()):  # cut: fed dicts only
@@ -135,10 +135,10 @@ def statistics_session(path: Path, names: list[str], threads: int = 0
     return lambda seq: sess.run(names, seq if isinstance(seq, dict) else prefill_feed(spec, seq))
 
 
-def run_statistics(path: Path, names: list[str], sequences: Sequence[np.ndarray]
-                   ) -> Iterator[list[np.ndarray]]:
+def run_statistics(path: Path, names: list[str], sequences: Sequence[np.ndarray], *,
+                   prepack: bool = True) -> Iterator[list[np.ndarray]]:
     """The default :data:`StatRunner`: every sequence in this process, in order."""
-    run = statistics_session(path, names)
+    run = statistics_session(path, names, prepack=prepack)
     return (run(seq) for seq in sequences)
 
 

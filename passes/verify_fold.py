@@ -21,8 +21,9 @@ from serq_onnx.modelio import save_for_session
 
 class VerifyFoldPass(ir.passes.InPlacePass):
     def __init__(self, original: str | os.PathLike, sequences: Sequence[np.ndarray],
-                 tolerance: float = 1e-4):
+                 tolerance: float = 1e-4, prepack: bool = True):
         super().__init__()
+        self.prepack = prepack  # compare.session_options
         self.original = original
         self.sequences = sequences
         self.tolerance = tolerance
@@ -38,11 +39,11 @@ class VerifyFoldPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # One float session at a time: two at once would hold the float weights twice over.
-        b = compare.session_logits(compare.cpu_session(self.original), self.sequences)
+        b = compare.session_logits(compare.cpu_session(self.original, prepack=self.prepack), self.sequences)
         with tempfile.TemporaryDirectory(prefix="serq-fold-") as tmp:
             path = Path(tmp) / "folded.onnx"
             save_for_session(model, path)
-            a = compare.session_logits(compare.cpu_session(path), self.sequences)
+            a = compare.session_logits(compare.cpu_session(path, prepack=self.prepack), self.sequences)
         self.result = compare.diff(a, b)
         if not self.result.rel_rms <= self.tolerance:
             raise SerqError(f"folding the flattening scales changed the float model "

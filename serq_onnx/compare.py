@@ -22,15 +22,27 @@ class LogitDiff:
                 f"top-1 agreement {self.top1_agree:.1%}")
 
 
-def cpu_session(path: str | os.PathLike, with_ops: bool = False):
+def session_options(prepack: bool = True):
+    """Quiet session options. ``prepack`` False: onnxruntime keeps the float weights where the
+    model file maps them (external data) instead of copying them into its prepacked GEMM
+    layout, so a session adds little memory of its own (``ConvertConfig.low_memory``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if with_ops:
-        from .library import session_options
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
 
-        so = session_options(so)
+
+def cpu_session(path: str | os.PathLike, with_ops: bool = False, prepack: bool = True):
+    import onnxruntime as ort
+
+    so = session_options(prepack)
+    if with_ops:
+        from .library import session_options as with_op_library
+
+        so = with_op_library(so)
     providers = ["CPUExecutionProvider"]
     return with_cache_dims(ort.InferenceSession(str(path), so, providers=providers), path, so,
                            providers)

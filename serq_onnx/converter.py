@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -112,7 +113,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
             layers: str | None = None, ray: str | None = None,
             gram_memory_mib: float = gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
-            log=print) -> ConversionReport:
+            low_memory: bool = False, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
     ``output`` receives the converted ``model.onnx`` and every other file of the input folder
@@ -141,7 +142,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     MiB of GPTQ Gram matrices (float32 ``K x K`` per input group) held at once; where all of
     them exceed it, they are collected and consumed in chunks of consecutive layer groups, one
     more pass over the calibration text per chunk, giving the same model
-    (``serq_onnx.gram_chunks``; 0: one group at a time).
+    (``serq_onnx.gram_chunks``; 0: one group at a time). ``low_memory``: the float
+    onnxruntime sessions (checks, calibration) read the weights where the model file maps
+    them instead of copying them (``ConvertConfig.low_memory``): for models near the
+    machine's memory; forward passes about 25% slower, float rounding slightly different.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -149,7 +153,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers,
-                           gram_memory_mib=gram_memory_mib)
+                           gram_memory_mib=gram_memory_mib, low_memory=low_memory)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, out_dir = check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                        overwrite, calib_ids is not None)
@@ -160,7 +164,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     t = time.perf_counter()
-    ir_model, attention = _fuse_attention(ir_model, model_path, log) if fuse_attention else (
+    ir_model, attention = _fuse_attention(ir_model, model_path, log, not low_memory) if (
+        fuse_attention) else (
         ir_model, "as exported (--no-fuse-attention)")
     timings["attention"] = time.perf_counter() - t
     rss["load, attention"] = round(pipeline.peak_rss_mib(), 1)
@@ -179,6 +184,11 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     with distributed.cluster(ray if config.needs_calibration else None) as cluster:
         if cluster is not None:
             ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
+        if low_memory:
+            from serq_onnx.passes.calibrate import run_statistics
+
+            ctx.calib_runner = functools.partial(ctx.calib_runner or run_statistics,
+                                                 prepack=False)
         pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
                      timings, rss)
     calibrate, gptq = ctx.ran.get("calibrate"), ctx.ran.get("gptq")
@@ -203,7 +213,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         verify_msg = "skipped (--no-verify)"
         if verify:
             t = time.perf_counter()
-            verify_msg = str(checks.check_logits(model_path, out_model, check_seqs, config.scheme))
+            verify_msg = str(checks.check_logits(model_path, out_model, check_seqs, config.scheme,
+                                                     prepack=not low_memory))
             timings["verify"] = time.perf_counter() - t
             rss["verify"] = round(pipeline.peak_rss_mib(), 1)
         report = ConversionReport(
@@ -322,8 +333,10 @@ def fuse_attention_structure(model: ir.Model, model_path: Path):
     return fuse, nodes_before, ""
 
 
-def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, str]:
-    """The model with fused attention and what was done, or the model as it was and why not."""
+def _fuse_attention(model: ir.Model, model_path: Path, log, prepack: bool = True
+                    ) -> tuple[ir.Model, str]:
+    """The model with fused attention and what was done, or the model as it was and why not
+    (``prepack``: the check's sessions, compare.session_options)."""
     fuse, nodes_before, why_not = fuse_attention_structure(model, model_path)
     if fuse is None:
         if nodes_before:  # the pass ran and recognised nothing
@@ -331,7 +344,8 @@ def _fuse_attention(model: ir.Model, model_path: Path, log) -> tuple[ir.Model, s
         return model, f"as exported ({why_not})"
     dtype = "float16" if fuse.dtype == ir.DataType.FLOAT16 else "float32"
     try:
-        check = checks.check_attention_fusion(model_path, model, _vocab_size(model), dtype)
+        check = checks.check_attention_fusion(model_path, model, _vocab_size(model), dtype,
+                                              prepack=prepack)
     except SerqError as err:
         log(f"attention stays as exported: {err}")
         original = load_model(model_path)

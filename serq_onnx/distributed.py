@@ -76,13 +76,15 @@ def _versions() -> dict[str, str]:
 class _CalibWorker:
     """A Ray actor: one onnxruntime session on the statistics graph, one sequence per call."""
 
-    def __init__(self, files: dict[str, bytes], model_name: str, names: list[str]):
+    def __init__(self, files: dict[str, bytes], model_name: str, names: list[str],
+                 prepack: bool = True):
         from serq_onnx.passes.calibrate import statistics_session
 
         with tempfile.TemporaryDirectory(prefix="serq-calib-worker-") as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
-            self.run_one = statistics_session(Path(tmp) / model_name, names, threads=1)
+            self.run_one = statistics_session(Path(tmp) / model_name, names, threads=1,
+                                              prepack=prepack)
 
     def run(self, seq: np.ndarray, fail: str = "") -> list[np.ndarray]:
         _maybe_fail(fail)
@@ -123,8 +125,8 @@ class RayCluster:
             raise SerqError(f"the Ray workers run {diff}; the converted model would differ "
                             "from a one-process conversion. Install the same versions there")
 
-    def calib_runner(self, path: Path, names: list[str], sequences: Sequence[np.ndarray]
-                     ) -> Iterator[list[np.ndarray]]:
+    def calib_runner(self, path: Path, names: list[str], sequences: Sequence[np.ndarray], *,
+                     prepack: bool = True) -> Iterator[list[np.ndarray]]:
         """A ``CalibratePass`` runner: each sequence's statistics, from the actors, in order."""
         ray = self.ray
         files = {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()}
@@ -132,7 +134,7 @@ class RayCluster:
         del files
         n = min(len(sequences), self.workers)
         actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_CalibWorker)
-        actors = [actor.remote(model_ref, path.name, names) for _ in range(n)]
+        actors = [actor.remote(model_ref, path.name, names, prepack) for _ in range(n)]
         at, how = _fail_hook("calibrate")
 
         def submit(i: int, seq: np.ndarray) -> Any:

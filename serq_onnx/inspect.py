@@ -315,7 +315,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
                   output: str | os.PathLike | None = None, overwrite: bool = False,
                   layers: str | None = None,
                   gram_memory_mib: float = gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
-                  log=print) -> Inspection:
+                  low_memory: bool = False, log=print) -> Inspection:
     """What ``convert()`` with these arguments would do, without calibrating or writing.
 
     ``output``: also check the output folder as ``convert`` would (``convert --dry-run``).
@@ -324,7 +324,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers,
-                           gram_memory_mib=gram_memory_mib)
+                           gram_memory_mib=gram_memory_mib, low_memory=low_memory)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, _ = converter.check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                            overwrite)

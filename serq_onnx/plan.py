@@ -67,6 +67,12 @@ class ConvertConfig:
     # collected and consumed in chunks of layers, one calibration pass per chunk. The model is
     # the same either way.
     gram_memory_mib: float = DEFAULT_GRAM_MEMORY_MIB
+    # The float onnxruntime sessions of conversion (checks, calibration) read the weights from
+    # the model file as mapped, instead of copying them into prepacked buffers
+    # (compare.session_options): a model's float weights are then held once, in the page
+    # cache, not once more per session. Forward passes run about 25% slower and their float
+    # rounding differs (logits by ~1e-6), so the converted model may differ in a few codes.
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

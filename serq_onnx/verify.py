@@ -157,10 +157,12 @@ def check_ops(model: ir.Model, ids: np.ndarray) -> OpCheck:
 
 
 def check_logits(float_model: str | os.PathLike, converted: str | os.PathLike,
-                 sequences: list[np.ndarray], scheme: str) -> compare.LogitDiff:
-    """Compare the logits of the two models on ``sequences``; fail beyond the scheme's bound."""
+                 sequences: list[np.ndarray], scheme: str, prepack: bool = True
+                 ) -> compare.LogitDiff:
+    """Compare the logits of the two models on ``sequences``; fail beyond the scheme's bound.
+    ``prepack``: the float session's (compare.session_options)."""
     # One session at a time, the float one freed before the converted one is built.
-    ref = compare.session_logits(compare.cpu_session(float_model), sequences)
+    ref = compare.session_logits(compare.cpu_session(float_model, prepack=prepack), sequences)
     d = compare.diff(compare.session_logits(compare.cpu_session(converted, with_ops=True),
                                             sequences), ref)
     bound = LOGIT_BOUNDS[scheme]
@@ -224,14 +226,16 @@ def _padded_run(session, vocab: int, steps: int) -> list[np.ndarray]:
 
 
 def check_attention_fusion(original: str | os.PathLike, fused: ir.Model, vocab: int,
-                           dtype: str = "float32", steps: int = 2) -> AttentionCheck:
+                           dtype: str = "float32", steps: int = 2, prepack: bool = True
+                           ) -> AttentionCheck:
     """Run the original export and the graph with fused attention on the same left-padded
-    batch; raise SerqError when they differ beyond :data:`ATTENTION_TOLERANCE`."""
-    ref = _padded_run(compare.cpu_session(original), vocab, steps)
+    batch; raise SerqError when they differ beyond :data:`ATTENTION_TOLERANCE`. ``prepack``:
+    the sessions' (compare.session_options)."""
+    ref = _padded_run(compare.cpu_session(original, prepack=prepack), vocab, steps)
     with tempfile.TemporaryDirectory(prefix="serq-attention-") as tmp:
         path = Path(tmp) / "fused.onnx"
         save_for_session(fused, path)
-        got = _padded_run(compare.cpu_session(path), vocab, steps)
+        got = _padded_run(compare.cpu_session(path, prepack=prepack), vocab, steps)
     scale = max(float(np.abs(r).max()) for r in ref) or 1.0
     rel = max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
     equal = all(bool((g[:, -1].argmax(-1) == r[:, -1].argmax(-1)).all()) for g, r in zip(got, ref))

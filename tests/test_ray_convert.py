@@ -183,3 +183,16 @@ def test_unreachable_address_fails_fast(tiny_llama, calib_ids, tmp_path):
         convert(tiny_llama.onnx_path, tmp_path / "out", calib_ids=calib_ids, ray="nohost",
                 **SETTINGS)
 
+
+
+def test_calibration_workers_open_their_sessions_as_the_driver_asks(tiny_llama, monkeypatch):
+    """``low_memory`` reaches the Ray actors: each worker's session maps its weights too."""
+    from serq_onnx.passes import calibrate
+
+    seen = []
+    monkeypatch.setattr(calibrate, "statistics_session",
+                        lambda path, names, threads=0, prepack=True: seen.append(prepack))
+    files = {"model.onnx": tiny_llama.onnx_path.read_bytes()}
+    for prepack in (True, False):
+        distributed._CalibWorker(files, "model.onnx", ["logits"], prepack)
+    assert seen == [True, False]

@@ -139,3 +139,82 @@ def test_float32_gram_sum_gives_the_gptq_codes_of_a_float64_one(tiny_llama, monk
         # this model, and at most 1 in 1000 may.
         assert np.mean(c64 != c32) <= 1e-3
         np.testing.assert_allclose(s32, s64, rtol=1e-5)
+
+
+def _external_copy(tiny_llama, folder: Path) -> Path:
+    shutil.copytree(tiny_llama.onnx_path.parent, folder)
+    proto = onnx.load(str(tiny_llama.onnx_path))
+    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    return folder / "model.onnx"
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path``."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            current = len(head) >= 6 and head[-1] == str(path)
+        elif current and head and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_sessions_without_prepacking_read_the_weights_where_the_file_maps_them(tiny_llama,
+                                                                              tmp_path):
+    """``low_memory``'s sessions: the weights stay in the mapped external data file (page
+    cache, held once) instead of a copy in the session; the logits are those of the usual
+    session up to float rounding."""
+    from serq_onnx import compare
+
+    path = _external_copy(tiny_llama, tmp_path / "ext")
+    data = (path.parent / "model.onnx_data").resolve()
+    ids = np.arange(2, 66) % 300
+    logits, mapped = {}, {}
+    for prepack in (True, False):
+        sess = compare.cpu_session(path, prepack=prepack)
+        logits[prepack] = compare.logits(sess, ids)
+        mapped[prepack] = _mapped_kib(data)
+        del sess
+    size_kib = data.stat().st_size // 1024
+    # prepacked, only the weights no GEMM packs (the embedding the Gather reads) stay mapped
+    assert mapped[False] >= 0.9 * size_kib, mapped
+    assert mapped[True] <= 0.5 * size_kib, mapped
+    np.testing.assert_allclose(logits[False], logits[True], rtol=0, atol=1e-4)
+
+
+def test_low_memory_conversion_opens_every_float_session_without_prepacking(
+        tiny_llama, tmp_path, monkeypatch):
+    """Checks, calibration and the final verification: each float session under
+    ``low_memory`` maps its weights; only the converted model's sessions (SerqMatMul, whose
+    weights are already small) are the usual kind. Recorded in serq_config.json."""
+    import json
+
+    from serq_onnx import compare
+    from serq_onnx.passes import calibrate
+
+    opened: list[tuple[str, bool]] = []
+    real_cpu, real_stats = compare.cpu_session, calibrate.statistics_session
+
+    def cpu_session(path, with_ops=False, prepack=True):
+        opened.append(("converted" if with_ops else "float", prepack))
+        return real_cpu(path, with_ops=with_ops, prepack=prepack)
+
+    def statistics_session(path, names, threads=0, prepack=True):
+        opened.append(("calibration", prepack))
+        return real_stats(path, names, threads=threads, prepack=prepack)
+
+    monkeypatch.setattr(compare, "cpu_session", cpu_session)
+    monkeypatch.setattr(calibrate, "statistics_session", statistics_session)
+    path = _external_copy(tiny_llama, tmp_path / "ext")
+    ids = [np.arange(2, 66) % 300]
+    converter.convert(path, tmp_path / "o", calib_ids=ids, low_memory=True, gram_memory_mib=0,
+                      progress=False, log=lambda *_: None)
+    kinds = {k for k, _ in opened}
+    assert kinds == {"float", "calibration", "converted"}, opened
+    assert all(not prepack for kind, prepack in opened if kind != "converted"), opened
+    assert sum(kind == "calibration" for kind, _ in opened) > 1  # the Gram chunk passes too
+    config = json.loads((tmp_path / "o" / "serq_config.json").read_text())
+    assert config["config"]["low_memory"] is True
