@@ -109,14 +109,15 @@ def _add_conversion_options(p) -> None:
                    help=f"calibration sequences (default {calibration.DEFAULT_SAMPLES})")
     p.add_argument("--calib-seqlen", type=int, default=calibration.DEFAULT_SEQLEN,
                    help=f"tokens per calibration sequence (default {calibration.DEFAULT_SEQLEN})")
-    p.add_argument("--gram-memory", type=float, default=gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
+    p.add_argument("--gram-memory", type=float, default=None,
                    metavar="MIB",
                    help="MiB of GPTQ Gram matrices (float32 K x K per layer input) held at once; "
                    "where they all exceed it, they are collected and used in chunks of layers, "
                    "one more pass over the calibration text per chunk, each starting where the "
                    "one before stopped, for the same model "
                    "(0: one layer input at a time; inf: never split; summing briefly holds about "
-                   f"3x this; default {gram_chunks.DEFAULT_GRAM_MEMORY_MIB:g})")
+                   "3x this; default: a quarter of the float model's size, within "
+                   f"{gram_chunks.GRAM_MEMORY_FLOOR_MIB:g}-{gram_chunks.DEFAULT_GRAM_MEMORY_MIB:g})")
     p.add_argument("--low-memory", action="store_true",
                    help="for models near the machine's memory: the float onnxruntime sessions "
                    "(checks, calibration) read the weights from the model file as mapped "

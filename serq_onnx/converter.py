@@ -112,7 +112,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             verify: bool = True, overwrite: bool = False, progress: bool = True,
             smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
             layers: str | None = None, ray: str | None = None,
-            gram_memory_mib: float = gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
+            gram_memory_mib: float | None = None,
             low_memory: bool = False, log=print) -> ConversionReport:
     """Convert an Optimum-exported causal LM so that its decoder linears run as SerqMatMul.
 
@@ -142,7 +142,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     MiB of GPTQ Gram matrices (float32 ``K x K`` per input group) held at once; where all of
     them exceed it, they are collected and consumed in chunks of consecutive layer groups, one
     more pass over the calibration text per chunk, giving the same model
-    (``serq_onnx.gram_chunks``; 0: one group at a time). ``low_memory``: the float
+    (``serq_onnx.gram_chunks``; 0: one group at a time; None: ``gram_chunks.default_budget``
+    of the model, a quarter of its float size within 1-4 GiB). ``low_memory``: the float
     onnxruntime sessions (checks, calibration) read the weights where the model file maps
     them instead of copying them (``ConvertConfig.low_memory``): for models near the
     machine's memory; forward passes about 25% slower, float rounding slightly different.
@@ -153,7 +154,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers,
-                           gram_memory_mib=gram_memory_mib, low_memory=low_memory)
+                           gram_memory_mib=gram_chunks.DEFAULT_GRAM_MEMORY_MIB if
+                           gram_memory_mib is None else gram_memory_mib, low_memory=low_memory)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, out_dir = check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                        overwrite, calib_ids is not None)
@@ -163,6 +165,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     pin_cache_dims(ir_model)
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
+    if gram_memory_mib is None:
+        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before))
     t = time.perf_counter()
     ir_model, attention = _fuse_attention(ir_model, model_path, log, not low_memory) if (
         fuse_attention) else (

@@ -15,7 +15,7 @@ handed on between two passes.
 
 A group whose Gram matrix alone exceeds the budget is a chunk by itself (the budget cannot be
 met, and refusing would only stop the conversion); so a budget of 0 collects one group at a
-time. ``inf`` never cuts.
+time. ``inf`` never cuts. Unless given, the budget is :func:`default_budget` of the model.
 """
 
 from __future__ import annotations
@@ -25,12 +25,24 @@ from collections.abc import Sequence
 
 from .errors import SerqError
 
-# Enough for every Gram matrix of SmolLM2-135M (0.4 GB) and of a 0.5B Llama (24 layers of
-# K = 1024, 1024, 1024, 4096: 1.9 GB) at once, so those convert in one calibration pass as
-# before; an 8B model (32 GB of Gram matrices) is cut into about 8 chunks.
+# The default budget (default_budget): a quarter of the float model's bytes, within these
+# bounds. Summing holds about 2.6x the budget (RESULTS-scale.md), so a quarter keeps the Gram
+# term of the peak under the model's own size; for a Llama the Gram matrices are about 1.2x its
+# weights, so that is about five chunks, which cost little once each pass starts where the one
+# before stopped. The floor keeps small models in one pass (SmolLM2-135M: 0.4 GB of Gram
+# matrices); the cap bounds the Gram term of large ones (an 8B: 32 GB of them, 8 chunks).
 DEFAULT_GRAM_MEMORY_MIB = 4096.0
+GRAM_MEMORY_FLOOR_MIB = 1024.0
+GRAM_MEMORY_MODEL_FRACTION = 0.25
 GRAM_BYTES_PER_ENTRY = 4  # float32, as passes.calibrate.GRAM_DTYPE
 MIB = 1024 * 1024
+
+
+def default_budget(model_bytes: int) -> float:
+    """The Gram budget (MiB) for a float model of ``model_bytes``: see
+    :data:`GRAM_MEMORY_MODEL_FRACTION`."""
+    mib = GRAM_MEMORY_MODEL_FRACTION * model_bytes / MIB
+    return float(round(min(max(mib, GRAM_MEMORY_FLOOR_MIB), DEFAULT_GRAM_MEMORY_MIB)))
 
 
 def check_budget(mib: object) -> float:

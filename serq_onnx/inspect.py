@@ -10,7 +10,7 @@ measured conversions (see :data:`REFERENCE`). Nothing is written.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +314,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
                   smooth_alpha: float = 0.5, lm_head: str = "auto", fuse_attention: bool = True,
                   output: str | os.PathLike | None = None, overwrite: bool = False,
                   layers: str | None = None,
-                  gram_memory_mib: float = gram_chunks.DEFAULT_GRAM_MEMORY_MIB,
+                  gram_memory_mib: float | None = None,
                   low_memory: bool = False, log=print) -> Inspection:
     """What ``convert()`` with these arguments would do, without calibrating or writing.
 
@@ -324,7 +324,8 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     config = ConvertConfig(scheme=scheme, rank=rank, group_w=group_w, group_a=group_a,
                            method=method, weight_quant=weight_quant, weight_scale=weight_scale,
                            smooth_alpha=smooth_alpha, lm_head=lm_head, layers=layers,
-                           gram_memory_mib=gram_memory_mib, low_memory=low_memory)
+                           gram_memory_mib=gram_chunks.DEFAULT_GRAM_MEMORY_MIB if
+                           gram_memory_mib is None else gram_memory_mib, low_memory=low_memory)
     options = pipeline.Options(fuse=fuse, fuse_attention=fuse_attention, verify=verify)
     model_path, _ = converter.check_inputs(model, output, calib, calib_samples, calib_seqlen,
                                            overwrite)
@@ -333,6 +334,8 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     if output is not None:
         output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
+    if gram_memory_mib is None:
+        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before))
     file_bytes = sum(p.stat().st_size
                      for p in [model_path, *output_dir.external_data_files(ir_model)])
     # the export's bytes per node (its ops, names, attributes), for the nodes that stay float

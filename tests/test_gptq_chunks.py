@@ -63,6 +63,16 @@ def test_budget_must_be_a_number_of_mib(bad):
         ConvertConfig(gram_memory_mib=bad)
 
 
+def test_default_budget_is_a_quarter_of_the_model_within_bounds():
+    """SmolLM2-135M (0.5 GiB) keeps its one pass, the 1.5B Llama (5.5 GiB) gets 1.4 GiB, an
+    8B (30 GiB) the 4 GiB cap."""
+    gib = 2**30
+    assert gram_chunks.default_budget(int(0.5 * gib)) == gram_chunks.GRAM_MEMORY_FLOOR_MIB
+    assert gram_chunks.default_budget(int(5.49 * gib)) == round(5.49 * 1024 / 4)
+    assert gram_chunks.default_budget(30 * gib) == gram_chunks.DEFAULT_GRAM_MEMORY_MIB
+    assert gram_chunks.default_budget(0) == gram_chunks.GRAM_MEMORY_FLOOR_MIB
+
+
 def _initializers(folder: Path) -> dict[str, bytes]:
     model = onnx.load(str(folder / "model.onnx"))
     return {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
@@ -88,6 +98,7 @@ def test_chunked_conversion_is_bit_identical(request, tmp_path, calib_ids, fixtu
               **QUIET)
     whole = convert(model, tmp_path / "whole", **kw)
     assert (whole.gram_passes, whole.calibration_passes, whole.gram_seconds) == (1, 1, 0.0)
+    assert whole.config["gram_memory_mib"] == gram_chunks.GRAM_MEMORY_FLOOR_MIB  # the default
     for budget, chunks in ((FOUR_CHUNKS, 4), (0, 9)):
         out = tmp_path / f"chunked-{budget}"
         rep = convert(model, out, gram_memory_mib=budget, **kw)
