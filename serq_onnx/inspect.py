@@ -63,13 +63,22 @@ BASE_RSS = 150 * MIB
 # SmolLM2-135M (411 MiB for 39.8 M entries: 10.8 B) and over loading on the synthetic 0.47B
 # (4833 MiB for 479 M entries: 10.6 B), each sequence's set freed before the next runs.
 GRAM_PEAK_BYTES_PER_ENTRY = 11
-# Peak resident memory over the float model's bytes beyond BASE_RSS and the Gram matrices,
-# measured on a synthetic 129 MiB Llama (8 layers of hidden 512, intermediate 2048; round to
-# nearest, 4 x 256 calibration tokens; models/RESULTS-scale.md): 595 MiB peak from one
-# .onnx file (its weights parsed into memory), 390 MiB with external data (memory-mapped,
-# the flattened weights computed when read, onnxruntime sessions one at a time).
+# The peak is the larger of two stages' (models/RESULTS-scale.md, sections 2 and 4). The float
+# checks and calibration: an onnxruntime session's copy of the weights (prepacked) beside the
+# converter's own arrays. MODEL_COPIES: from one .onnx file (its weights parsed into memory;
+# a synthetic 129 MiB Llama, 595 MiB peak); MODEL_COPIES_EXTERNAL: external data, the weights
+# mapped and the flattened ones computed when read (synthetic 0.47B and 1.47B Llamas: 1.46-1.51,
+# round to nearest); MODEL_COPIES_MAPPED: the same with --low-memory, whose sessions read the
+# weights where the file maps them (anonymous memory; the page cache holds the file once
+# more, and gives it back under pressure: 0.72 on the 0.47B). GPTQ's sweep: the Gram matrices
+# of one chunk beside GPTQ_STAGE_COPIES of the model (the chunk's session, the packed
+# weights; 0.71 on the 1.47B; plus 1 from one file, whose parsed weights stay).
 MODEL_COPIES = 3.45
-MODEL_COPIES_EXTERNAL = 1.86
+MODEL_COPIES_EXTERNAL = 1.5
+MODEL_COPIES_MAPPED = 0.72
+GPTQ_STAGE_COPIES = 0.71
+# --low-memory's forward passes: unprepacked GEMMs (0.47B, 256 tokens: 2.10 s against 1.65 s)
+LOW_MEMORY_FORWARD_FACTOR = 1.27
 
 
 @dataclass
@@ -150,7 +159,9 @@ class Inspection:
         est = self.estimate_seconds
         lines.append(f"estimated time: {est['total']:.0f} s ("
                      + ", ".join(f"{k} {v:.0f} s" for k, v in est.items() if k != "total")
-                     + f"); estimated peak memory: {self.estimate_peak_bytes / MIB:.0f} MiB")
+                     + f"); estimated peak memory: {self.estimate_peak_bytes / MIB:.0f} MiB"
+                     + (" (anonymous; the page cache holds the weights once more, and gives them "
+                        "back under pressure)" if self.config.get("low_memory") else ""))
         lines.append(f"  ({self.estimate_note})")
         lines.append("passes:")
         for i, p in enumerate(self.passes, 1):
@@ -271,6 +282,21 @@ def _chunk_forward_flops(plan: Plan, chunks: list[list[int]]) -> float:
     return float(sum(per_group[:chunks[-1][-1]]))
 
 
+def peak_bytes(model_bytes: int, external: bool, gram_entries: int, logits_bytes: int,
+               low_memory: bool = False) -> int:
+    """Peak resident bytes (anonymous, with ``low_memory``): the larger of the float stages'
+    and GPTQ's sweep's (``gram_entries``: the largest chunk's; 0 without GPTQ)."""
+    if not external:
+        checks, sweep = MODEL_COPIES, GPTQ_STAGE_COPIES + 1.0
+    else:
+        checks, sweep = (MODEL_COPIES_MAPPED if low_memory else MODEL_COPIES_EXTERNAL,
+                         GPTQ_STAGE_COPIES)
+    stage = checks * model_bytes
+    if gram_entries:
+        stage = max(stage, sweep * model_bytes + GRAM_PEAK_BYTES_PER_ENTRY * gram_entries)
+    return int(BASE_RSS + stage + logits_bytes)
+
+
 def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int,
              verify: bool = True, external: bool = False) -> tuple[dict, int]:
     """Seconds per stage and peak resident bytes of the conversion: rates of
@@ -293,17 +319,15 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
     else:
         secs["quantization"] = weights / RTN_MSE_WEIGHTS_PER_S / (
             1.0 if cfg.weight_scale == "mse" else ABSMAX_SPEEDUP)
+    if cfg.low_memory and "calibration" in secs:
+        secs["calibration"] *= LOW_MEMORY_FORWARD_FACTOR
     secs["other"] = bytes_before * OTHER_S_PER_BYTE * (1.0 if verify else 0.5)
     secs["total"] = sum(secs.values())
-    # Peak: MODEL_COPIES (MODEL_COPIES_EXTERNAL for a model with external data) times the
-    # float model, the logits of one sequence, and for GPTQ the Gram matrices of the largest
-    # chunk (every group when they fit --gram-memory), kept until the sweep.
-    grams = max((sum(plan.groups[i].K ** 2 for i in c) for c in chunks), default=0) * (
-        GRAM_PEAK_BYTES_PER_ENTRY)
-    logits = seqlen * vocab * 4
-    copies = MODEL_COPIES_EXTERNAL if external else MODEL_COPIES
-    peak = BASE_RSS + copies * bytes_before + grams + logits
-    return secs, int(peak)
+    entries = 0
+    if cfg.weight_quant == "gptq":  # the largest chunk's (every group's when they fit)
+        entries = max((sum(plan.groups[i].K ** 2 for i in c) for c in chunks), default=0)
+    peak = peak_bytes(bytes_before, external, entries, seqlen * vocab * 4, cfg.low_memory)
+    return secs, peak
 
 
 def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int = 128,

@@ -336,9 +336,9 @@ def test_inspect_and_dry_run_report_the_calibration_passes(tiny_llama, tmp_path,
     by_name = {p["name"]: p["purpose"] for p in chunked.passes}
     assert "in 4 chunks" in by_name["gptq"] and "kept on disk" in by_name["calibrate"]
     assert "chunks" not in {p["name"]: p["purpose"] for p in whole.passes}["gptq"]
-    # its Gram matrices are all that is held: the largest chunk's, not all of them
-    assert whole.estimate_peak_bytes - chunked.estimate_peak_bytes == (
-        inspect.GRAM_PEAK_BYTES_PER_ENTRY * (sum(k * k for k in TINY_KS) - (64 * 64 + 160 * 160)))
+    # the sweep holds the largest chunk's Gram matrices, not all of them (test_inspect checks
+    # the amount where the sweep is the peak; here the float checks are)
+    assert chunked.estimate_peak_bytes <= whole.estimate_peak_bytes
     # a real conversion makes the passes inspect says
     rep = convert(model, tmp_path / "o", calib_samples=2, calib_seqlen=32, rank=16,
                   gram_memory_mib=FOUR_CHUNKS, verify=False, progress=False,

@@ -100,10 +100,28 @@ def test_estimate_reproduces_its_reference_conversion():
     assert secs["calibration"] == pytest.approx(ref["calib_s"], rel=0.01)
     assert secs["quantization"] == pytest.approx(ref["rtn_mse_s"], rel=0.01)
     assert secs["total"] == pytest.approx(61.5, rel=0.015)
-    # memory: GPTQ adds the Gram sums, one sequence's set and onnxruntime's buffers per entry
+    # memory: round to nearest peaks in the float stages (a session's copy beside the model);
+    # GPTQ's sweep holds the Gram sums, one sequence's set and onnxruntime's buffers per entry
+    # beside less of the model, and the peak is the larger stage
     _, peak_rtn = insp.estimate(plan, ref["tokens"], 512, ref["model_bytes"], 49152)
-    assert peak - peak_rtn == insp.GRAM_PEAK_BYTES_PER_ENTRY * sum(g.K ** 2 for g in plan.groups)
-    assert peak_rtn > insp.BASE_RSS + 2 * ref["model_bytes"]
+    logits, m = 512 * 49152 * 4, ref["model_bytes"]
+    assert peak_rtn == int(insp.BASE_RSS + insp.MODEL_COPIES * m + logits)
+    sweep = (insp.GPTQ_STAGE_COPIES + 1) * m + insp.GRAM_PEAK_BYTES_PER_ENTRY * sum(
+        g.K ** 2 for g in plan.groups)
+    assert peak == max(peak_rtn, int(insp.BASE_RSS + sweep + logits))
+    # external data: the stages' copies measured on the 0.47B and 1.47B Llamas
+    assert insp.peak_bytes(m, True, 0, 0) == int(insp.BASE_RSS + insp.MODEL_COPIES_EXTERNAL * m)
+    assert insp.peak_bytes(m, True, 0, 0, low_memory=True) < insp.peak_bytes(m, True, 0, 0)
+    # chunked, the sweep holds the largest chunk's Gram matrices (no model: the sweep is the peak)
+    plan.config = ConvertConfig(lm_head="float", gram_memory_mib=1)
+    chunks = plan.gram_chunks()
+    assert len(chunks) > 1
+    _, peak_chunked = insp.estimate(plan, ref["tokens"], 512, 0, 49152)
+    largest = max(sum(plan.groups[i].K ** 2 for i in c) for c in chunks)
+    assert peak_chunked == int(insp.BASE_RSS + insp.GRAM_PEAK_BYTES_PER_ENTRY * largest + logits)
+    big = 10 ** 9  # Gram entries enough for the sweep to be the peak
+    assert insp.peak_bytes(m, True, big, 0) - insp.peak_bytes(m, True, big // 2, 0) == (
+        insp.GRAM_PEAK_BYTES_PER_ENTRY * big // 2)
 
 
 def test_dry_run_writes_nothing_and_checks_the_output(tiny_llama, tmp_path, capsys):
