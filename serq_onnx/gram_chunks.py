@@ -26,13 +26,14 @@ from collections.abc import Sequence
 from .errors import SerqError
 
 # The default budget (default_budget): a quarter of the float model's bytes, within these
-# bounds. Summing holds about 2.6x the budget (RESULTS-scale.md), so a quarter keeps the Gram
-# term of the peak under the model's own size; for a Llama the Gram matrices are about 1.2x its
-# weights, so that is about five chunks, which cost little once each pass starts where the one
-# before stopped. The floor keeps small models in one pass (SmolLM2-135M: 0.4 GB of Gram
-# matrices); the cap bounds the Gram term of large ones (an 8B: 32 GB of them, 8 chunks).
+# bounds. Summing holds about 2.75x the budget (11 bytes per 4-byte entry, RESULTS-scale.md),
+# and GPTQ's sweep 0.64x the model besides, so a quarter keeps the sweep's peak below the float
+# checks' (1.5x the model); for a Llama the Gram matrices are about 1.2x its weights, so that is
+# about five chunks, which cost little once each pass starts where the one before stopped
+# (float32 graphs). The floor keeps small models in one pass (SmolLM2-135M: 381 MiB of Gram
+# matrices); the cap bounds the Gram term of large ones (an 8B: 30 GiB of them, 8 chunks).
 DEFAULT_GRAM_MEMORY_MIB = 4096.0
-GRAM_MEMORY_FLOOR_MIB = 1024.0
+GRAM_MEMORY_FLOOR_MIB = 512.0
 GRAM_MEMORY_MODEL_FRACTION = 0.25
 GRAM_BYTES_PER_ENTRY = 4  # float32, as passes.calibrate.GRAM_DTYPE
 MIB = 1024 * 1024

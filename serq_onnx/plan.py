@@ -154,8 +154,9 @@ class Target:
     r_scale: np.ndarray | None = None
     # the main weight before quantization (SalientReconstructionPass), or a function computing it
     residual: np.ndarray | Callable[[], np.ndarray] | None = None
-    # float32 flattened, permuted weight (the graph may hold FP16), or a function computing it
-    w_hat: np.ndarray | Callable[[], np.ndarray] | None = None
+    # computes the float32 flattened, permuted weight afresh (PermuteWeightsPass; the graph may
+    # hold another dtype); None before that pass and for methods that do not flatten
+    w_hat: Callable[[], np.ndarray] | None = None
     bits: tuple[int, int] | None = None  # (bits_w, bits_a) of this layer when not the scheme's
     rank_cap: int | None = None  # largest salient rank this layer takes (lm_head: 0)
     lowrank: tuple[np.ndarray, np.ndarray] | None = None  # l2qer: float A [K, r], B [r, N]
@@ -174,11 +175,9 @@ class Target:
         return r if self.rank_cap is None else min(r, self.rank_cap)
 
     def weight_f32(self) -> np.ndarray:
-        """The weight the quantizers start from, in float32."""
-        if callable(self.w_hat):  # computed when read (PermuteWeightsPass, float32 graphs)
-            return self.w_hat()
+        """The weight the quantizers start from, in float32: a new array each call."""
         if self.w_hat is not None:
-            return self.w_hat
+            return self.w_hat()
         return initializer_array(self.weight).astype(np.float32)
 
     def residual_f32(self) -> np.ndarray:
