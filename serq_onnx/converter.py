@@ -143,7 +143,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     them exceed it, they are collected and consumed in chunks of consecutive layer groups, one
     more pass over the calibration text per chunk, giving the same model
     (``serq_onnx.gram_chunks``; 0: one group at a time; None: ``gram_chunks.default_budget``
-    of the model, a quarter of its float size within 0.5-4 GiB). ``low_memory``: the float
+    of the model, a quarter of its float size within 0.5-4 GiB, a sixteenth with ``low_memory``). ``low_memory``: the float
     onnxruntime sessions (checks, calibration) read the weights where the model file maps
     them instead of copying them (``ConvertConfig.low_memory``): for models near the
     machine's memory; forward passes about 25% slower, float rounding slightly different.
@@ -166,7 +166,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     if gram_memory_mib is None:
-        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before))
+        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before,
+                                                                            low_memory))
     t = time.perf_counter()
     ir_model, attention = _fuse_attention(ir_model, model_path, log, not low_memory) if (
         fuse_attention) else (

@@ -35,14 +35,19 @@ from .errors import SerqError
 DEFAULT_GRAM_MEMORY_MIB = 4096.0
 GRAM_MEMORY_FLOOR_MIB = 512.0
 GRAM_MEMORY_MODEL_FRACTION = 0.25
+# With --low-memory the float checks hold 0.72x the model and the sweep 0.56x besides its Gram
+# matrices (0.47B Llama), so a sixteenth keeps the sweep below the checks there too.
+GRAM_MEMORY_MODEL_FRACTION_LOW = 1 / 16
 GRAM_BYTES_PER_ENTRY = 4  # float32, as passes.calibrate.GRAM_DTYPE
 MIB = 1024 * 1024
 
 
-def default_budget(model_bytes: int) -> float:
+def default_budget(model_bytes: int, low_memory: bool = False) -> float:
     """The Gram budget (MiB) for a float model of ``model_bytes``: see
-    :data:`GRAM_MEMORY_MODEL_FRACTION`."""
-    mib = GRAM_MEMORY_MODEL_FRACTION * model_bytes / MIB
+    :data:`GRAM_MEMORY_MODEL_FRACTION` (:data:`GRAM_MEMORY_MODEL_FRACTION_LOW` with
+    ``low_memory``)."""
+    share = GRAM_MEMORY_MODEL_FRACTION_LOW if low_memory else GRAM_MEMORY_MODEL_FRACTION
+    mib = share * model_bytes / MIB
     return float(round(min(max(mib, GRAM_MEMORY_FLOOR_MIB), DEFAULT_GRAM_MEMORY_MIB)))
 
 

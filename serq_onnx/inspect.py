@@ -77,6 +77,7 @@ MODEL_COPIES = 3.45
 MODEL_COPIES_EXTERNAL = 1.5
 MODEL_COPIES_MAPPED = 0.72
 GPTQ_STAGE_COPIES = 0.64
+GPTQ_STAGE_COPIES_MAPPED = 0.56  # --low-memory, anonymous (0.47B: 2562 MiB at 512 MiB)
 # --low-memory's forward passes: unprepacked GEMMs (0.47B, 256 tokens: 2.10 s against 1.65 s)
 LOW_MEMORY_FORWARD_FACTOR = 1.27
 
@@ -289,8 +290,8 @@ def peak_bytes(model_bytes: int, external: bool, gram_entries: int, logits_bytes
     if not external:
         checks, sweep = MODEL_COPIES, GPTQ_STAGE_COPIES + 1.0
     else:
-        checks, sweep = (MODEL_COPIES_MAPPED if low_memory else MODEL_COPIES_EXTERNAL,
-                         GPTQ_STAGE_COPIES)
+        checks, sweep = ((MODEL_COPIES_MAPPED, GPTQ_STAGE_COPIES_MAPPED) if low_memory else
+                         (MODEL_COPIES_EXTERNAL, GPTQ_STAGE_COPIES))
     stage = checks * model_bytes
     if gram_entries:
         stage = max(stage, sweep * model_bytes + GRAM_PEAK_BYTES_PER_ENTRY * gram_entries)
@@ -359,7 +360,8 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
         output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
     if gram_memory_mib is None:
-        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before))
+        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before,
+                                                                            low_memory))
     file_bytes = sum(p.stat().st_size
                      for p in [model_path, *output_dir.external_data_files(ir_model)])
     # the export's bytes per node (its ops, names, attributes), for the nodes that stay float

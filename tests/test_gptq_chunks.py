@@ -71,6 +71,8 @@ def test_default_budget_is_a_quarter_of_the_model_within_bounds():
     assert gram_chunks.default_budget(int(5.49 * gib)) == round(5.49 * 1024 / 4)
     assert gram_chunks.default_budget(30 * gib) == gram_chunks.DEFAULT_GRAM_MEMORY_MIB
     assert gram_chunks.default_budget(0) == gram_chunks.GRAM_MEMORY_FLOOR_MIB
+    # --low-memory: a sixteenth, so that the sweep stays under its leaner float checks
+    assert gram_chunks.default_budget(30 * gib, low_memory=True) == 30 * 1024 / 16
 
 
 def _initializers(folder: Path) -> dict[str, bytes]:
