@@ -72,11 +72,12 @@ GRAM_PEAK_BYTES_PER_ENTRY = 11
 # weights where the file maps them (anonymous memory; the page cache holds the file once
 # more, and gives it back under pressure: 0.72 on the 0.47B). GPTQ's sweep: the Gram matrices
 # of one chunk beside GPTQ_STAGE_COPIES of the model (the chunk's session, the packed
-# weights; 0.64 on the 1.47B; plus 1 from one file, whose parsed weights stay).
+# weights, which grow through the sweep: 0.64 on the 1.47B in 2 chunks, 0.89 in 5; the larger
+# is taken; plus 1 from one file, whose parsed weights stay).
 MODEL_COPIES = 3.45
 MODEL_COPIES_EXTERNAL = 1.5
 MODEL_COPIES_MAPPED = 0.72
-GPTQ_STAGE_COPIES = 0.64
+GPTQ_STAGE_COPIES = 0.89
 GPTQ_STAGE_COPIES_MAPPED = 0.56  # --low-memory, anonymous (0.47B: 2562 MiB at 512 MiB)
 # --low-memory's forward passes: unprepacked GEMMs (0.47B, 256 tokens: 2.10 s against 1.65 s)
 LOW_MEMORY_FORWARD_FACTOR = 1.27
