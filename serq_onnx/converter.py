@@ -143,8 +143,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     them exceed it, they are collected and consumed in chunks of consecutive layer groups, one
     more pass over the calibration text per chunk, giving the same model
     (``serq_onnx.gram_chunks``; 0: one group at a time; None: ``gram_chunks.default_budget``
-    of the model, a quarter of its float size within 0.5-4 GiB, a sixteenth with ``low_memory``). ``low_memory``: the float
-    onnxruntime sessions (checks, calibration) read the weights where the model file maps
+    of the model, a quarter of its float size within 0.5-4 GiB, a sixteenth with
+    ``low_memory``). ``low_memory``: the float onnxruntime sessions (checks, calibration) read the weights where the model file maps
     them instead of copying them (``ConvertConfig.low_memory``): for models near the
     machine's memory; forward passes about 25% slower, float rounding slightly different.
     """
@@ -169,9 +169,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
         config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before,
                                                                             low_memory))
     t = time.perf_counter()
-    ir_model, attention = _fuse_attention(ir_model, model_path, log, not low_memory) if (
-        fuse_attention) else (
-        ir_model, "as exported (--no-fuse-attention)")
+    if fuse_attention:
+        ir_model, attention = _fuse_attention(ir_model, model_path, log, not low_memory)
+    else:
+        attention = "as exported (--no-fuse-attention)"
     timings["attention"] = time.perf_counter() - t
     rss["load, attention"] = round(pipeline.peak_rss_mib(), 1)
     plan, ctx = find_targets(ir_model, model_path, config, options, log, progress)
