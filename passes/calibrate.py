@@ -110,10 +110,11 @@ def _stat_nodes(value: ir.Value, K: int, index: int, opset: int, gram: bool,
     return nodes, outs, inits
 
 
-# (statistics model file, output names, sequences) -> each sequence's outputs, in order. Called
-# while the file exists; it must have read what it needs by the time it returns.
-# A sequence is its token ids, or the feed dict of a graph cut after an earlier pass.
-StatRunner = Callable[[Path, list[str], Sequence[np.ndarray | dict]], Iterator[list[np.ndarray]]]
+# (statistics model file, output names, sequences, *, prepack) -> each sequence's outputs, in
+# order. Called while the file exists; it must have read what it needs by the time it returns.
+# A sequence is its token ids, or the feed dict of a graph cut after an earlier pass; prepack:
+# the sessions' (compare.session_options; False for ConvertConfig.low_memory).
+StatRunner = Callable[..., Iterator[list[np.ndarray]]]
 
 
 def statistics_session(path: Path, names: list[str], threads: int = 0, prepack: bool = True
@@ -215,12 +216,12 @@ class SavedFloatGraph:
 
     def __init__(self, model: ir.Model, groups: Sequence[InputGroup],
                  sequences: Sequence[np.ndarray], chunks: list[list[int]],
-                 runner: StatRunner | None = None, progress: bool = True):
+                 runner: StatRunner | None = None, progress: bool = True, prepack: bool = True):
         self.names = [g.name for g in groups]
         self.values = [g.value.name for g in groups]
         self.ks = [g.K for g in groups]
         self.sequences, self.chunks = sequences, chunks
-        self.runner, self.progress = runner, progress
+        self.runner, self.progress, self.prepack = runner, progress, prepack
         self.opset = _opset(model)
         self.models_built = 0
         self.cuts = plan_cuts(model, [[self.values[i] for i in chunk] for chunk in chunks])
@@ -254,7 +255,7 @@ class SavedFloatGraph:
         path, names = self._statistics_model(indices, absmax, abssum, gram, carry,
                                              fed[0] if fed is not None else None)
         try:
-            results = (self.runner or run_statistics)(path, names, items)
+            results = (self.runner or run_statistics)(path, names, items, prepack=self.prepack)
         finally:
             path.unlink(missing_ok=True)
         n_stats = len(names) - len(carry)
@@ -385,7 +386,7 @@ class CalibratePass(PlanPass):
         source = None
         if len(self.chunks) > 1:
             source = SavedFloatGraph(model, groups, self.sequences, self.chunks, self.runner,
-                                     self.progress)
+                                     self.progress, prepack=not plan.config.low_memory)
         try:
             if source is not None:
                 absmax, abssums, grams, tokens = source.collect(
@@ -422,7 +423,8 @@ class CalibratePass(PlanPass):
             with tempfile.TemporaryDirectory(prefix="serq-calib-") as tmp:
                 path = Path(tmp) / "calib.onnx"
                 save_for_session(model, path)
-                results = (self.runner or run_statistics)(path, names, self.sequences)
+                results = (self.runner or run_statistics)(
+                    path, names, self.sequences, prepack=not self.plan.config.low_memory)
         finally:
             for _ in stat_outputs:
                 graph.outputs.pop()

@@ -39,11 +39,13 @@ class VerifyFoldPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # One float session at a time: two at once would hold the float weights twice over.
-        b = compare.session_logits(compare.cpu_session(self.original, prepack=self.prepack), self.sequences)
+        b = compare.session_logits(compare.cpu_session(self.original, prepack=self.prepack),
+                                   self.sequences)
         with tempfile.TemporaryDirectory(prefix="serq-fold-") as tmp:
             path = Path(tmp) / "folded.onnx"
             save_for_session(model, path)
-            a = compare.session_logits(compare.cpu_session(path, prepack=self.prepack), self.sequences)
+            a = compare.session_logits(compare.cpu_session(path, prepack=self.prepack),
+                                       self.sequences)
         self.result = compare.diff(a, b)
         if not self.result.rel_rms <= self.tolerance:
             raise SerqError(f"folding the flattening scales changed the float model "

@@ -117,8 +117,8 @@ def _add_conversion_options(p) -> None:
                    "one before stopped, for the same model "
                    "(0: one layer input at a time; inf: never split; summing briefly holds about "
                    "3x this; default: a quarter of the float model's size (a sixteenth with "
-                   "--low-memory), within "
-                   f"{gram_chunks.GRAM_MEMORY_FLOOR_MIB:g}-{gram_chunks.DEFAULT_GRAM_MEMORY_MIB:g})")
+                   f"--low-memory), within {gram_chunks.GRAM_MEMORY_FLOOR_MIB:g}-"
+                   f"{gram_chunks.DEFAULT_GRAM_MEMORY_MIB:g})")
     p.add_argument("--low-memory", action="store_true",
                    help="for models near the machine's memory: the float onnxruntime sessions "
                    "(checks, calibration) read the weights from the model file as mapped "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -144,9 +143,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     more pass over the calibration text per chunk, giving the same model
     (``serq_onnx.gram_chunks``; 0: one group at a time; None: ``gram_chunks.default_budget``
     of the model, a quarter of its float size within 0.5-4 GiB, a sixteenth with
-    ``low_memory``). ``low_memory``: the float onnxruntime sessions (checks, calibration) read the weights where the model file maps
-    them instead of copying them (``ConvertConfig.low_memory``): for models near the
-    machine's memory; forward passes about 25% slower, float rounding slightly different.
+    ``low_memory``). ``low_memory``: the float onnxruntime sessions (checks, calibration) read
+    the weights where the model file maps them instead of copying them
+    (``ConvertConfig.low_memory``): for models near the machine's memory; forward passes about
+    25% slower, float rounding slightly different.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -165,9 +165,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     pin_cache_dims(ir_model)
     output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
-    if gram_memory_mib is None:
-        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before,
-                                                                            low_memory))
+    config = with_gram_budget(config, gram_memory_mib, bytes_before)
     t = time.perf_counter()
     if fuse_attention:
         ir_model, attention = _fuse_attention(ir_model, model_path, log, not low_memory)
@@ -190,11 +188,6 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     with distributed.cluster(ray if config.needs_calibration else None) as cluster:
         if cluster is not None:
             ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
-        if low_memory:
-            from serq_onnx.passes.calibrate import run_statistics
-
-            ctx.calib_runner = functools.partial(ctx.calib_runner or run_statistics,
-                                                 prepack=False)
         pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
                      timings, rss)
     calibrate, gptq = ctx.ran.get("calibrate"), ctx.ran.get("gptq")
@@ -315,6 +308,16 @@ def _calibration_sequences(ir_model: ir.Model, model_path: Path, calib, calib_sa
     return (calibration.random_sequences(_vocab_size(ir_model), min(calib_samples, 8),
                                          min(calib_seqlen, 512)),
             "random tokens (no --calib given: accuracy will suffer)")
+
+
+def with_gram_budget(config: ConvertConfig, asked: float | None, model_bytes: int
+                     ) -> ConvertConfig:
+    """``config`` with the Gram budget ``asked``, or where None the model's default
+    (``gram_chunks.default_budget``), known only once the model is loaded."""
+    if asked is not None:
+        return config
+    return replace(config, gram_memory_mib=gram_chunks.default_budget(model_bytes,
+                                                                      config.low_memory))
 
 
 def fuse_attention_structure(model: ir.Model, model_path: Path):

@@ -10,7 +10,7 @@ measured conversions (see :data:`REFERENCE`). Nothing is written.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -360,9 +360,7 @@ def inspect_model(model: str | os.PathLike, *, scheme: str = "w4a8", rank: int =
     if output is not None:
         output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
     bytes_before = model_nbytes(ir_model)
-    if gram_memory_mib is None:
-        config = replace(config, gram_memory_mib=gram_chunks.default_budget(bytes_before,
-                                                                            low_memory))
+    config = converter.with_gram_budget(config, gram_memory_mib, bytes_before)
     file_bytes = sum(p.stat().st_size
                      for p in [model_path, *output_dir.external_data_files(ir_model)])
     # the export's bytes per node (its ops, names, attributes), for the nodes that stay float

@@ -152,8 +152,9 @@ class Target:
     weights: object | None = None  # reference.SerqWeights once quantized
     r_codes: np.ndarray | None = None
     r_scale: np.ndarray | None = None
-    # the main weight before quantization (SalientReconstructionPass), or a function computing it
-    residual: np.ndarray | Callable[[], np.ndarray] | None = None
+    # computes the main weight before quantization afresh (SalientReconstructionPass); None
+    # before that pass and once the layer is packed
+    residual: Callable[[], np.ndarray] | None = None
     # computes the float32 flattened, permuted weight afresh (PermuteWeightsPass; the graph may
     # hold another dtype); None before that pass and for methods that do not flatten
     w_hat: Callable[[], np.ndarray] | None = None
@@ -182,7 +183,7 @@ class Target:
 
     def residual_f32(self) -> np.ndarray:
         """The residual main weight the quantizers round, in float32."""
-        return self.residual() if callable(self.residual) else self.residual
+        return self.residual()
 
 
 @dataclass(eq=False)

@@ -121,13 +121,13 @@ def _recording_runner(monkeypatch):
     seen: list[dict] = []
     real = passes.calibrate.run_statistics
 
-    def record(path, names, sequences):
+    def record(path, names, sequences, *, prepack=True):
         proto = onnx.load(str(path), load_external_data=False)
         seen.append(dict(folder=path.parent, file=path.name,
                          files=sorted(p.name for p in path.parent.iterdir()),
                          outputs=[o.name for o in proto.graph.output],
                          nodes=[n.name for n in proto.graph.node], names=list(names)))
-        return real(path, names, sequences)
+        return real(path, names, sequences, prepack=prepack)
 
     monkeypatch.setattr(passes.calibrate, "run_statistics", record)
     return seen

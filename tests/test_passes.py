@@ -369,7 +369,8 @@ def test_flattened_weight_is_computed_when_read_in_the_graphs_dtype(dtype):
 
     w = np.random.default_rng(0).standard_normal((K, N)).astype(dtype)
     model = _model(f"""<ir_version: 8, opset_import: ["" : 17]>
-        g ({"float" if dtype == np.float32 else "float16"}[2, {K}] x) => (y) {{ y = MatMul(x, w) }}""", w=w)
+        g ({"float" if dtype == np.float32 else "float16"}[2, {K}] x) => (y)
+        {{ y = MatMul(x, w) }}""", w=w)
     t = _matmul_target(model)
     s = np.linspace(0.5, 2.0, K).astype(np.float32)
     perm = np.random.default_rng(1).permutation(K)
@@ -390,5 +391,6 @@ def test_flattened_fp16_weight_that_overflows_is_refused_by_name():
     t = _matmul_target(model)
     from serq_onnx.passes.permute_weights import set_flattened_lazily
 
-    with pytest.raises(SerqError, match="w: the flattened weight overflows float16.*float32 export"):
+    with pytest.raises(SerqError,
+                       match="w: the flattened weight overflows float16.*float32 export"):
         set_flattened_lazily(t, np.full(K, 3.0, np.float32), np.arange(K))
