@@ -20,8 +20,8 @@ import onnx_ir as ir
 from serq_onnx.plan import (
     ConvertConfig,
     InputGroup,
+    cast_checked,
     initializer_array,
-    set_initializer,
 )
 
 from ._base import PlanPass
@@ -170,24 +170,53 @@ def fold_into_gate_up(graph: ir.Graph, group: InputGroup, inv: np.ndarray) -> No
 
     With a fused gate_up projection (``gate_cols`` / ``up_cols`` set) only those column ranges
     of its one weight change, each permuted within itself: the Slices still cut the same ranges,
-    so ``act(gate) * up`` comes out scaled and permuted as down's input must be.
+    so ``act(gate) * up`` comes out scaled and permuted as down's input must be. The folded
+    weights are computed when read (:func:`set_lazily`), as the flattened ones are later.
     """
     def cols(w: np.ndarray, rng: tuple[int, int] | None) -> slice:
         return slice(0, w.shape[1]) if rng is None else slice(*rng)
 
+    perm = group.perm
     if group.up is group.gate:
-        w = initializer_array(group.up.weight).copy()
-        g, u = cols(w, group.gate_cols), cols(w, group.up_cols)
-        w[:, u] = (w[:, u] * inv[None, :])[:, group.perm]
-        w[:, g] = w[:, g][:, group.perm]
-        set_initializer(graph, group.up.weight, w)
+        def gate_up(w: np.ndarray) -> np.ndarray:
+            g, u = cols(w, group.gate_cols), cols(w, group.up_cols)
+            w[:, u] = (w[:, u] * inv[None, :])[:, perm]
+            w[:, g] = w[:, g][:, perm]
+            return w
+        set_lazily(group.up.weight, gate_up)
         return
-    up_w = initializer_array(group.up.weight)
-    u = cols(up_w, group.up_cols)
-    up_w = up_w.copy()
-    up_w[:, u] = (up_w[:, u] * inv[None, :])[:, group.perm]
-    set_initializer(graph, group.up.weight, up_w)
-    gate_w = initializer_array(group.gate.weight).copy()
-    g = cols(gate_w, group.gate_cols)
-    gate_w[:, g] = gate_w[:, g][:, group.perm]
-    set_initializer(graph, group.gate.weight, gate_w)
+
+    def up(w: np.ndarray) -> np.ndarray:
+        u = cols(w, group.up_cols)
+        w[:, u] = (w[:, u] * inv[None, :])[:, perm]
+        return w
+
+    def gate(w: np.ndarray) -> np.ndarray:
+        g = cols(w, group.gate_cols)
+        w[:, g] = w[:, g][:, perm]
+        return w
+
+    set_lazily(group.up.weight, up)
+    set_lazily(group.gate.weight, gate)
+
+
+def set_lazily(value: ir.Value, fold) -> None:
+    """Make ``value``'s initializer ``fold(copy of it)``, computed each time it is read from
+    the original (memory-mapped for external data), so that no model's folded MLP weights are
+    resident at once; ``fold`` works in place on a float copy in the weight's dtype, as an
+    eager fold would. Where the dtype is not float32 the fold is computed once now, so that an
+    overflow is reported here (:func:`~serq_onnx.plan.cast_checked`)."""
+    src = value.const_value
+    dtype = src.dtype.numpy()
+
+    def folded() -> ir.TensorProtocol:
+        w = fold(src.numpy().astype(np.float32))
+        if isinstance(src, ir.ExternalTensor):
+            src.release()
+        return ir.tensor(np.ascontiguousarray(cast_checked(w, dtype, value.name,
+                                                           "folded weight")), name=value.name)
+
+    if dtype != np.float32:
+        folded()
+    value.const_value = ir.LazyTensor(folded, dtype=src.dtype, shape=ir.Shape(src.shape),
+                                      name=value.name)

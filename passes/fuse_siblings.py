@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from serq_onnx import reference
+from serq_onnx import packed_store, reference
 
 from ._base import PlanPass
 
@@ -40,19 +40,23 @@ class FuseSiblingsPass(PlanPass):
                 continue
             if any(len(n.inputs) > 6 for n in nodes):  # a bias would need concatenating too
                 continue
-            self._fuse(graph, group, nodes)
+            self._fuse(graph, group, nodes, self.plan.packed_store)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
     @staticmethod
-    def _fuse(graph: ir.Graph, group, nodes: list[ir.Node]) -> None:
+    def _fuse(graph: ir.Graph, group, nodes: list[ir.Node], store=None) -> None:
         sizes = [int(n.attributes["N"].value) for n in nodes]
         prefix = f"{nodes[0].name or group.name}/fused"
         inits = []
         for i in _WEIGHT_INPUTS:
-            arr = np.concatenate([n.inputs[i].const_value.numpy() for n in nodes], axis=0)
-            v = ir.Value(name=f"{prefix}.{['B', 'scales', 'wsum'][i - 1]}",
-                         const_value=ir.tensor(arr))
+            parts = [n.inputs[i].const_value for n in nodes]
+            arr = packed_store.put(store, np.concatenate([p.numpy() for p in parts], axis=0))
+            for p in parts:
+                if isinstance(p, ir.ExternalTensor):
+                    p.release()
+            name = f"{prefix}.{['B', 'scales', 'wsum'][i - 1]}"
+            v = ir.Value(name=name, const_value=packed_store.tensor(store, arr, name))
             graph.register_initializer(v)
             inits.append(v)
         attrs = {k: v.value for k, v in nodes[0].attributes.items()}

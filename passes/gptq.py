@@ -221,5 +221,5 @@ class GPTQPass(PlanPass):
             cols = slice(start, start + t.N)
             start += t.N
             pack_target(t, cfg, np.ascontiguousarray(codes[:, cols]),
-                        np.ascontiguousarray(scales[:, cols]))
+                        np.ascontiguousarray(scales[:, cols]), self.plan.packed_store)
         group.gram = None  # K x K per group: free it as soon as it is used

@@ -6,24 +6,30 @@ Group scales are absmax or searched for the least rounding error (``config.weigh
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-import numpy as np
-
 from serq_onnx import reference
+from serq_onnx.packed_store import PackedStore
 from serq_onnx.plan import ConvertConfig, Plan, Target
 
 from ._base import PlanPass
 
 
-def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.ndarray) -> None:
-    """Set ``t.weights`` from its main codes ``[K, N]`` and scales and its R; drop the float
-    residual and R's codes."""
+def pack_target(t: Target, cfg: ConvertConfig, codes: np.ndarray, scales: np.ndarray,
+                store: PackedStore | None = None) -> None:
+    """Set ``t.weights`` from its main codes ``[K, N]`` and scales and its R, written to
+    ``store`` where there is one; drop the float residual and R's codes."""
     bits_w, bits_a = t.layer_bits(cfg)
     layout = reference.Layout(K=t.K, N=t.N, rank=t.r_codes.shape[0], group_w=cfg.group_w,
                               group_a=cfg.group_a, bits_w=bits_w, bits_a=bits_a)
-    t.weights = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
+    w = reference.assemble_weights(layout, codes, scales, t.r_codes, t.r_scale)
+    if store is not None:
+        w = replace(w, B=store.put(w.B), scales=store.put(w.scales), wsum=store.put(w.wsum))
+    t.weights = w
     t.residual = t.w_hat = t.r_codes = t.r_scale = None
 
 
@@ -50,5 +56,5 @@ class QuantizeWeightsPass(PlanPass):
                       disable=not self.progress):
             codes, scales = reference.quantize_weight(t.residual_f32(), t.layer_bits(cfg)[0],
                                                       cfg.group_w, search=cfg.weight_scale == "mse")
-            pack_target(t, cfg, codes, scales)
+            pack_target(t, cfg, codes, scales, self.plan.packed_store)
         return ir.passes.PassResult(model, modified=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from serq_onnx import reference
+from serq_onnx import packed_store, reference
 
 from ._base import PlanPass
 from .fold_flattening import RUNTIME_KEY
@@ -45,6 +45,7 @@ class ReplaceMatMulPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         scheme = "int"
+        store = self.plan.packed_store
         for t in self.plan.targets:
             x, act_scale = _absorb(graph, t.node.inputs[0], "scale")
             x, act_perm = _absorb(graph, x, "perm")
@@ -52,7 +53,8 @@ class ReplaceMatMulPass(PlanPass):
             prefix = t.weight.name or t.name
             inits = []
             for key, arr in w.initializers().items():
-                v = ir.Value(name=f"{prefix}.serq_{key}", const_value=ir.tensor(arr))
+                name = f"{prefix}.serq_{key}"
+                v = ir.Value(name=name, const_value=packed_store.tensor(store, arr, name))
                 graph.register_initializer(v)
                 inits.append(v)
             inputs = [x, *inits, act_scale, act_perm]

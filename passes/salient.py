@@ -3,8 +3,8 @@
 Because the weights are saliency-ordered, the salient channels are the contiguous slice ``:r``;
 ``R`` (4-bit, one scale per column) and the residual main weight are computed by
 ``reference.salient_split`` so the op and the converter share one definition. ``W^`` is
-computed when read (PermuteWeightsPass), and so is the residual: only its first ``r`` rows are
-kept, so that no layer's float main weight stays resident until the quantizer reaches it.
+computed when read (PermuteWeightsPass), and so is the residual: only ``R`` is kept, so that no
+layer's float weight stays resident until the quantizer reaches it.
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ class SalientReconstructionPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.plan.config
         for t in self.plan.targets:
-            rank = t.layer_rank(cfg)
-            t.r_codes, t.r_scale, residual = reference.salient_split(
-                t.weight_f32(), rank, t.layer_bits(cfg)[0])
-            t.residual = _recomputed(t.weight_f32, residual[:rank].copy())
+            rank, bits = t.layer_rank(cfg), t.layer_bits(cfg)[0]
+            t.r_codes, t.r_scale, _ = reference.salient_split(t.weight_f32(), rank, bits)
+            t.residual = _recomputed(t.weight_f32, rank, bits)
         return ir.passes.PassResult(model, modified=False)
 
 
-def _recomputed(weight: Callable[[], np.ndarray], head: np.ndarray) -> Callable[[], np.ndarray]:
-    """The residual from a fresh ``W^`` (``weight`` returns a new array each call) and its
-    first rows ``head``; bit-identical to ``salient_split``'s, since ``W^`` is deterministic."""
+def _recomputed(weight: Callable[[], np.ndarray], rank: int, bits: int
+                ) -> Callable[[], np.ndarray]:
+    """The residual from a fresh ``W^`` (``weight`` returns a new array each call): the same
+    ``salient_split`` again, bit-identical since ``W^`` is deterministic, so that only R's
+    codes are held between the passes."""
     def residual() -> np.ndarray:
-        w = weight()
-        w[: len(head)] = head
-        return w
+        return reference.salient_split(weight(), rank, bits)[2]
     return residual

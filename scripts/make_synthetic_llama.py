@@ -7,7 +7,8 @@ writes ``/tmp/llama-0.5b/hf`` (``save_pretrained``, the tiny byte-level tokenize
 data, as Optimum writes them). No training: the weights are ``transformers``' initialisation,
 so the sizes, shapes and memory of a conversion are those of a real model of that size while
 its accuracy means nothing. ``--hf-only`` skips the export; ``--no-validate`` skips Optimum's
-comparison of the export with PyTorch (time; the export's peak memory is its serialization).
+comparison of the export with PyTorch (time; the export's peak memory is its serialization);
+``--dtype fp16`` exports in half precision (into ``onnx-fp16/``), as Optimum's GPU exports are.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def param_count(hidden_size: int, intermediate_size: int, num_hidden_layers: int
     return num_hidden_layers * layer + 2 * vocab_size * hidden_size + hidden_size
 
 
-def make(size: str, out: Path, export: bool = True, validate: bool = True) -> Path:
+def make(size: str, out: Path, export: bool = True, validate: bool = True,
+         dtype: str = "fp32") -> Path:
     """Save the random Llama ``size`` under ``out/hf`` and, with ``export``, its ONNX export
-    under ``out/onnx`` (checked against PyTorch with ``validate``); returns the model file (or
-    the HF folder)."""
+    in ``dtype`` under ``out/onnx`` (``out/onnx-fp16`` for fp16; checked against PyTorch with
+    ``validate``); returns the model file (or the HF folder)."""
     from serq_onnx.export import export_causal_lm, make_tiny_model
 
     hf = out / "hf"
@@ -48,7 +50,8 @@ def make(size: str, out: Path, export: bool = True, validate: bool = True) -> Pa
         make_tiny_model(hf, "llama", seed=0, **SIZES[size])
     if not export:
         return hf
-    return export_causal_lm(hf, out / "onnx", validate=validate)
+    folder = out / ("onnx" if dtype == "fp32" else f"onnx-{dtype}")
+    return export_causal_lm(hf, folder, validate=validate, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="save the PyTorch model only (default: also export)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip Optimum's check of the export against PyTorch")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="the export's weights and activations (default fp32)")
     args = p.parse_args(argv)
     n = param_count(**SIZES[args.size])
     print(f"{args.size}: {n / 1e9:.3f} B parameters, {4 * n / 2**30:.2f} GiB in float32",
           file=sys.stderr)
-    print(make(args.size, args.out, export=not args.hf_only, validate=not args.no_validate))
+    print(make(args.size, args.out, export=not args.hf_only, validate=not args.no_validate,
+               dtype=args.dtype))
     return 0
 
 

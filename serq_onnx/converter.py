@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import calibration, distributed, genai, gram_chunks, output_dir, pipeline, verify as checks
+from . import (calibration, distributed, genai, gram_chunks, output_dir, packed_store, pipeline,
+               verify as checks)
 from .cache_dims import pin_cache_dims
 from .errors import SerqError
 from .modelio import load_model, model_nbytes
@@ -163,7 +164,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
 
     ir_model = load_model(model_path)
     pin_cache_dims(ir_model)
-    output_dir.check_output(output, output_dir.external_data_files(ir_model), overwrite)
+    data_files = output_dir.external_data_files(ir_model)
+    output_dir.check_output(output, data_files, overwrite)
     bytes_before = model_nbytes(ir_model)
     config = with_gram_budget(config, gram_memory_mib, bytes_before)
     t = time.perf_counter()
@@ -174,66 +176,73 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
     timings["attention"] = time.perf_counter() - t
     rss["load, attention"] = round(pipeline.peak_rss_mib(), 1)
     plan, ctx = find_targets(ir_model, model_path, config, options, log, progress)
-    config = plan.config
-    ranks = _effective_ranks(plan, log)
+    # Packed layers go to disk as they are done where the output gets external data anyway.
+    plan.packed_store = packed_store.PackedStore() if data_files else None
+    try:
+        config = plan.config
+        ranks = _effective_ranks(plan, log)
 
-    sequences, source = _calibration_sequences(ir_model, model_path, calib, calib_samples,
-                                               calib_seqlen, calib_ids, log)
-    calib_tokens = int(sum(len(s) for s in sequences))
-    check_seqs = [s[:128] for s in sequences[:2]]
-    ctx.sequences, ctx.check_sequences = sequences, check_seqs
-    if config.needs_calibration:
-        timings["calibration"] = 0.0  # listed first even when it fails fast
-    # Without calibration (so without GPTQ) there is nothing to share out.
-    with distributed.cluster(ray if config.needs_calibration else None) as cluster:
-        if cluster is not None:
-            ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
-        pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
-                     timings, rss)
-    calibrate, gptq = ctx.ran.get("calibrate"), ctx.ran.get("gptq")
-    gram_passes = len(calibrate.chunks) if calibrate is not None else 0
-    verify_fold = ctx.ran.get("verify_fold")
-    fold_check = str(verify_fold.result) if verify_fold else "skipped (no flattening)"
+        sequences, source = _calibration_sequences(ir_model, model_path, calib, calib_samples,
+                                                   calib_seqlen, calib_ids, log)
+        calib_tokens = int(sum(len(s) for s in sequences))
+        check_seqs = [s[:128] for s in sequences[:2]]
+        ctx.sequences, ctx.check_sequences = sequences, check_seqs
+        if config.needs_calibration:
+            timings["calibration"] = 0.0  # listed first even when it fails fast
+        # Without calibration (so without GPTQ) there is nothing to share out.
+        with distributed.cluster(ray if config.needs_calibration else None) as cluster:
+            if cluster is not None:
+                ctx.calib_runner, ctx.group_mapper = cluster.calib_runner, cluster.group_mapper
+            pipeline.run(pipeline.steps_for(config, options, phase="transform"), ir_model, ctx,
+                         timings, rss)
+        calibrate, gptq = ctx.ran.get("calibrate"), ctx.ran.get("gptq")
+        gram_passes = len(calibrate.chunks) if calibrate is not None else 0
+        verify_fold = ctx.ran.get("verify_fold")
+        fold_check = str(verify_fold.result) if verify_fold else "skipped (no flattening)"
 
-    op_check = "skipped (--no-verify)"
-    if verify:
-        t = time.perf_counter()
-        op_check = str(checks.check_ops(ir_model, sequences[0][:checks.OP_CHECK_TOKENS]))
-        timings["op check"] = time.perf_counter() - t
-        rss["op check"] = round(pipeline.peak_rss_mib(), 1)
-
-    folds, runtime, roles = plan_counts(plan)
-
-    t = time.perf_counter()
-    with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
-        timings["save"] = time.perf_counter() - t
-        rss["save"] = round(pipeline.peak_rss_mib(), 1)
-        log(genai.stage_for_conversion(tmp_out, out_model.name))
-        verify_msg = "skipped (--no-verify)"
+        op_check = "skipped (--no-verify)"
         if verify:
             t = time.perf_counter()
-            verify_msg = str(checks.check_logits(model_path, out_model, check_seqs, config.scheme,
-                                                     prepack=not low_memory))
-            timings["verify"] = time.perf_counter() - t
-            rss["verify"] = round(pipeline.peak_rss_mib(), 1)
-        report = ConversionReport(
-            model=str(model_path), output=str(out_dir / model_path.name), config=asdict(config),
-            layers_converted=len(plan.targets), layers_by_role=roles, folds=folds,
-            serq_nodes=sum(n.op_type == "SerqMatMul" for n in ir_model.graph),
-            bytes_before=bytes_before, bytes_after=_dir_size(tmp_out) - sum(
-                p.stat().st_size for p in tmp_out.iterdir()
-                if p.is_file() and p.name not in {out_model.name, out_model.name + ".data"}),
-            seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
-            attention=attention,
-            verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
-            timings=timings, peak_rss_mib=rss, layers_left_float=plan.left_float,
-            calibration_passes=(gram_chunks.calibration_passes(gram_passes)
-                                if calibrate is not None else 0),
-            gram_passes=gram_passes,
-            gram_seconds=round(getattr(gptq, "gram_seconds", 0.0), 3))
-        report.seconds = time.perf_counter() - t0
-        (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
-    return report
+            op_check = str(checks.check_ops(ir_model, sequences[0][:checks.OP_CHECK_TOKENS]))
+            timings["op check"] = time.perf_counter() - t
+            rss["op check"] = round(pipeline.peak_rss_mib(), 1)
+
+        folds, runtime, roles = plan_counts(plan)
+
+        t = time.perf_counter()
+        with output_dir.staged(model_path, out_dir, ir_model) as (tmp_out, out_model):
+            timings["save"] = time.perf_counter() - t
+            rss["save"] = round(pipeline.peak_rss_mib(), 1)
+            log(genai.stage_for_conversion(tmp_out, out_model.name))
+            verify_msg = "skipped (--no-verify)"
+            if verify:
+                t = time.perf_counter()
+                verify_msg = str(checks.check_logits(model_path, out_model, check_seqs,
+                                                     config.scheme, prepack=not low_memory))
+                timings["verify"] = time.perf_counter() - t
+                rss["verify"] = round(pipeline.peak_rss_mib(), 1)
+            report = ConversionReport(
+                model=str(model_path), output=str(out_dir / model_path.name), config=asdict(config),
+                layers_converted=len(plan.targets), layers_by_role=roles, folds=folds,
+                serq_nodes=sum(n.op_type == "SerqMatMul" for n in ir_model.graph),
+                bytes_before=bytes_before, bytes_after=_dir_size(tmp_out) - sum(
+                    p.stat().st_size for p in tmp_out.iterdir()
+                    if p.is_file() and p.name not in {out_model.name, out_model.name + ".data"}),
+                seconds=0.0, calib_tokens=calib_tokens, calib_source=source, fold_check=fold_check,
+                attention=attention,
+                verify=verify_msg, op_check=op_check, ranks=ranks, runtime_transforms=runtime,
+                timings=timings, peak_rss_mib=rss, layers_left_float=plan.left_float,
+                calibration_passes=(gram_chunks.calibration_passes(gram_passes)
+                                    if calibrate is not None else 0),
+                gram_passes=gram_passes,
+                gram_seconds=round(getattr(gptq, "gram_seconds", 0.0), 3))
+            report.seconds = time.perf_counter() - t0
+            (tmp_out / CONFIG_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        return report
+    finally:
+        if plan.packed_store is not None:
+            plan.packed_store.close()
+            plan.packed_store = None
 
 
 def plan_counts(plan: Plan) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:

@@ -231,6 +231,9 @@ class Plan:
     # Where GPTQPass collects the Gram matrices chunk by chunk when they did not all fit
     # gram_memory_mib (passes.calibrate.SavedFloatGraph); None: CalibratePass collected them.
     gram_source: object | None = None
+    # Where the quantizers write each layer's packed weights (serq_onnx.packed_store), kept
+    # by convert() until the output is saved; None: they stay in memory.
+    packed_store: object | None = None
 
     @property
     def targets(self) -> list[Target]:
@@ -250,7 +253,8 @@ def initializer_array(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy()
 
 
-def cast_checked(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+def cast_checked(array: np.ndarray, dtype: np.dtype, name: str,
+                 what: str = "flattened weight") -> np.ndarray:
     """``array`` in the graph's float ``dtype``; an overflow (FP16's range is 65504) is the
     user's to hear of, not an infinity in the model."""
     if array.dtype == dtype:
@@ -258,17 +262,7 @@ def cast_checked(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         cast = array.astype(dtype)
     if not np.isfinite(cast).all() and np.isfinite(array).all():
-        raise SerqError(f"{name}: the flattened weight overflows {np.dtype(dtype)} (largest "
+        raise SerqError(f"{name}: the {what} overflows {np.dtype(dtype)} (largest "
                         f"|w| {float(np.abs(array).max()):.3g}); convert the float32 export")
     return cast
 
-
-def set_initializer(graph: ir.Graph, value: ir.Value, array: np.ndarray) -> None:
-    """Replace ``value``'s data in place (keeps its name, every use and its float dtype, so an
-    FP16 graph stays an FP16 graph)."""
-    old = value.const_value.numpy().dtype if value.const_value is not None else None
-    if old is not None and np.issubdtype(old, np.floating):
-        array = cast_checked(array, old, value.name)
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)

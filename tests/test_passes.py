@@ -394,3 +394,38 @@ def test_flattened_fp16_weight_that_overflows_is_refused_by_name():
     with pytest.raises(SerqError,
                        match="w: the flattened weight overflows float16.*float32 export"):
         set_flattened_lazily(t, np.full(K, 3.0, np.float32), np.arange(K))
+
+
+def test_mlp_fold_is_computed_when_read_from_the_original_weights():
+    """The folded gate/up weights are not held: each read computes ``(W_up / s)[:, pi]`` and
+    ``W_gate[:, pi]`` afresh from the untouched originals."""
+    model = _mlp(shared_up=False)
+    original = {n: model.graph.initializers[n].const_value.numpy().copy() for n in ("Wu", "Wg")}
+    plan = _find(model)
+    down = next(g for g in plan.groups if g.kind == "mlp_act")
+    _calibrate(plan)
+    assert passes.FoldFlatteningPass(plan)(model).modified
+    inv = (np.float32(1) / down.s).astype(np.float32)
+    want = {"Wu": (original["Wu"] * inv[None, :])[:, down.perm],
+            "Wg": original["Wg"][:, down.perm]}
+    for name, expected in want.items():
+        tensor = model.graph.initializers[name].const_value
+        assert isinstance(tensor, ir.LazyTensor), name
+        first, second = tensor.numpy(), tensor.numpy()
+        assert first is not second
+        np.testing.assert_array_equal(first, expected)
+        np.testing.assert_array_equal(second, expected)
+
+
+def test_fp16_mlp_fold_that_overflows_is_refused_by_name():
+    """An up weight divided by a small activation scale past FP16's range is an error naming
+    the weight, when folding, not an infinity in the model."""
+    text = MLP.replace("float[", "float16[").replace("{extra_out}", "").replace("{extra}", "")
+    w = {k: (100 * v).astype(np.float16) for k, v in
+         _rng_weights(3, Wg=(K, F), Wu=(K, F), Wd=(F, K)).items()}
+    model = _model(text, **w)
+    plan = _find(model)
+    for g in plan.groups:
+        g.absmax = np.full(g.K, 1e-3, np.float32)
+    with pytest.raises(SerqError, match="Wu: the folded weight overflows float16"):
+        passes.FoldFlatteningPass(plan)(model)
