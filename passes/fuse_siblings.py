@@ -45,7 +45,8 @@ class FuseSiblingsPass(PlanPass):
         return ir.passes.PassResult(model, modified=modified)
 
     @staticmethod
-    def _fuse(graph: ir.Graph, group, nodes: list[ir.Node], store=None) -> None:
+    def _fuse(graph: ir.Graph, group, nodes: list[ir.Node],
+              store: packed_store.PackedStore | None = None) -> None:
         sizes = [int(n.attributes["N"].value) for n in nodes]
         prefix = f"{nodes[0].name or group.name}/fused"
         inits = []

@@ -218,3 +218,47 @@ def test_low_memory_conversion_opens_every_float_session_without_prepacking(
     assert sum(kind == "calibration" for kind, _ in opened) > 1  # the Gram chunk passes too
     config = json.loads((tmp_path / "o" / "serq_config.json").read_text())
     assert config["config"]["low_memory"] is True
+
+
+def _anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_low_memory_sessions_hold_no_float32_copy_of_fp16_weights(tmp_path):
+    """onnxruntime's CPU provider has no FP16 MatMul: it inserts casts, and its optimizer
+    folds them into float32 copies of the weights (twice the FP16 bytes). ``low_memory``'s
+    sessions cast at run time instead and keep nothing; their results agree to FP16 rounding
+    (the GEMM sums in another order without prepacked weights)."""
+    from serq_onnx import compare
+
+    K, N = 1024, 8192  # 16 MiB of FP16 weights, 32 MiB as float32
+    w = (np.random.default_rng(0).standard_normal((K, N)) * 0.05).astype(np.float16)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [1, K])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [1, N])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+                    str(path), save_as_external_data=True, location="m.onnx_data")
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float16)
+    held, out = {}, {}
+    for prepack in (True, False):
+        before = _anon_kib()
+        sess = ort.InferenceSession(str(path), compare.session_options(prepack),
+                                    providers=["CPUExecutionProvider"])
+        out[prepack] = sess.run(None, {"x": x})[0]
+        held[prepack] = _anon_kib() - before
+        del sess
+    copy_kib = K * N * 4 // 1024
+    assert held[True] >= 0.8 * copy_kib, held
+    assert held[False] <= 0.25 * copy_kib, held
+    y = out[True].astype(np.float32)
+    np.testing.assert_allclose(out[False].astype(np.float32), y, rtol=0,
+                               atol=2e-3 * float(np.abs(y).max()))
