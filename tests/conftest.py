@@ -39,6 +39,22 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return _build(tmp_path_factory, "tiny_llama")
 
 
+@pytest.fixture
+def tiny_llama_external(tiny_llama: TinyModel, tmp_path: Path) -> Path:
+    """``tiny_llama``'s folder copied with every weight in external data
+    (``model.onnx_data``), as exports over 2 GB come; returns its ``model.onnx``."""
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "ext"
+    shutil.copytree(tiny_llama.onnx_path.parent, folder)
+    proto = onnx.load(str(tiny_llama.onnx_path))
+    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    return folder / "model.onnx"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_odd(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """Sizes that are multiples of no quantization group: hidden 96 (head_dim 24), inter 200."""

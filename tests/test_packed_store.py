@@ -8,12 +8,10 @@ import errno
 import gc
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
@@ -89,17 +87,9 @@ def test_a_full_disk_is_a_clear_error(tmpdir_here, monkeypatch):
     store.close()
 
 
-def _external_copy(tiny_llama, folder: Path) -> Path:
-    shutil.copytree(tiny_llama.onnx_path.parent, folder)
-    proto = onnx.load(str(tiny_llama.onnx_path))
-    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
-    return folder / "model.onnx"
-
-
 @pytest.mark.parametrize("weight_quant", ["gptq", "rtn"])
 def test_external_data_conversion_keeps_no_packed_layer_in_memory(
-        tiny_llama, tmp_path, tmpdir_here, monkeypatch, weight_quant):
+        tiny_llama_external, tmp_path, tmpdir_here, monkeypatch, weight_quant):
     """Each layer's packed weights are in the scratch file as soon as they are made, the fused
     siblings' too, and the scratch folder is gone afterwards; the output is the single-file
     model's conversion (tests/test_scale.py compares them bit for bit)."""
@@ -127,9 +117,8 @@ def test_external_data_conversion_keeps_no_packed_layer_in_memory(
                          for i in (1, 2, 3)))
 
     monkeypatch.setattr(fuse_siblings.FuseSiblingsPass, "_fuse", staticmethod(fuse))
-    path = _external_copy(tiny_llama, tmp_path / "ext")
     ids = [np.arange(2, 66) % 300]
-    report = converter.convert(path, tmp_path / "o", calib_ids=ids, weight_quant=weight_quant,
+    report = converter.convert(tiny_llama_external, tmp_path / "o", calib_ids=ids, weight_quant=weight_quant,
                                progress=False, log=lambda *_: None)
     assert seen and all(ok for _, ok in seen), seen
     assert fused and all(fused)
@@ -159,17 +148,16 @@ def test_single_file_models_keep_packed_layers_in_memory(tiny_llama, tmp_path, t
     assert not (tmp_path / "o" / "model.onnx.data").exists()
 
 
-def test_a_failed_conversion_removes_the_scratch_folder(tiny_llama, tmp_path, tmpdir_here,
-                                                        monkeypatch):
+def test_a_failed_conversion_removes_the_scratch_folder(tiny_llama_external, tmp_path,
+                                                        tmpdir_here, monkeypatch):
     from serq_onnx import output_dir
 
     def fail(*args, **kwargs):
         raise SerqError("no room for the output")
 
     monkeypatch.setattr(output_dir, "stage", fail)
-    path = _external_copy(tiny_llama, tmp_path / "ext")
     with pytest.raises(SerqError, match="no room"):
-        converter.convert(path, tmp_path / "o", calib_ids=[np.arange(2, 66) % 300],
+        converter.convert(tiny_llama_external, tmp_path / "o", calib_ids=[np.arange(2, 66) % 300],
                           verify=False, progress=False, log=lambda *_: None)
     assert list(tmpdir_here.iterdir()) == []
     assert not (tmp_path / "o").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect as pyinspect
-import shutil
 import sys
 from pathlib import Path
 
@@ -47,16 +46,12 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
 
 
-def test_external_data_model_converts_bit_for_bit(tiny_llama, tmp_path):
+def test_external_data_model_converts_bit_for_bit(tiny_llama, tiny_llama_external, tmp_path):
     """A model whose weights are external data (as every export over 2 GB is) converts to the
     same SerqMatMul inputs, bit for bit, as the same model in one file, and its output keeps
     its weights in external data beside it."""
     src = tiny_llama.onnx_path.parent
-    ext_dir = tmp_path / "ext"
-    shutil.copytree(src, ext_dir)
-    proto = onnx.load(str(src / "model.onnx"))
-    onnx.save_model(proto, str(ext_dir / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    ext_dir = tiny_llama_external.parent
     assert (ext_dir / "model.onnx_data").stat().st_size > 100_000
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 300, 64) for _ in range(2)]
@@ -141,14 +136,6 @@ def test_float32_gram_sum_gives_the_gptq_codes_of_a_float64_one(tiny_llama, monk
         np.testing.assert_allclose(s32, s64, rtol=1e-5)
 
 
-def _external_copy(tiny_llama, folder: Path) -> Path:
-    shutil.copytree(tiny_llama.onnx_path.parent, folder)
-    proto = onnx.load(str(tiny_llama.onnx_path))
-    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
-    return folder / "model.onnx"
-
-
 def _mapped_kib(path: Path) -> int:
     """Resident KiB of this process's mappings of ``path``."""
     total, current = 0, False
@@ -162,14 +149,14 @@ def _mapped_kib(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
-def test_sessions_without_prepacking_read_the_weights_where_the_file_maps_them(tiny_llama,
-                                                                              tmp_path):
+def test_sessions_without_prepacking_read_the_weights_where_the_file_maps_them(
+        tiny_llama_external):
     """``low_memory``'s sessions: the weights stay in the mapped external data file (page
     cache, held once) instead of a copy in the session; the logits are those of the usual
     session up to float rounding."""
     from serq_onnx import compare
 
-    path = _external_copy(tiny_llama, tmp_path / "ext")
+    path = tiny_llama_external
     data = (path.parent / "model.onnx_data").resolve()
     ids = np.arange(2, 66) % 300
     logits, mapped = {}, {}
@@ -186,7 +173,7 @@ def test_sessions_without_prepacking_read_the_weights_where_the_file_maps_them(t
 
 
 def test_low_memory_conversion_opens_every_float_session_without_prepacking(
-        tiny_llama, tmp_path, monkeypatch):
+        tiny_llama_external, tmp_path, monkeypatch):
     """Checks, calibration and the final verification: each float session under
     ``low_memory`` maps its weights; only the converted model's sessions (SerqMatMul, whose
     weights are already small) are the usual kind. Recorded in serq_config.json."""
@@ -208,9 +195,8 @@ def test_low_memory_conversion_opens_every_float_session_without_prepacking(
 
     monkeypatch.setattr(compare, "cpu_session", cpu_session)
     monkeypatch.setattr(calibrate, "statistics_session", statistics_session)
-    path = _external_copy(tiny_llama, tmp_path / "ext")
     ids = [np.arange(2, 66) % 300]
-    converter.convert(path, tmp_path / "o", calib_ids=ids, low_memory=True, gram_memory_mib=0,
+    converter.convert(tiny_llama_external, tmp_path / "o", calib_ids=ids, low_memory=True, gram_memory_mib=0,
                       progress=False, log=lambda *_: None)
     kinds = {k for k, _ in opened}
     assert kinds == {"float", "calibration", "converted"}, opened
