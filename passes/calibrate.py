@@ -386,7 +386,7 @@ class CalibratePass(PlanPass):
         source = None
         if len(self.chunks) > 1:
             source = SavedFloatGraph(model, groups, self.sequences, self.chunks, self.runner,
-                                     self.progress, prepack=not plan.config.low_memory)
+                                     self.progress, prepack=plan.prepack)
         try:
             if source is not None:
                 absmax, abssums, grams, tokens = source.collect(
@@ -424,7 +424,7 @@ class CalibratePass(PlanPass):
                 path = Path(tmp) / "calib.onnx"
                 save_for_session(model, path)
                 results = (self.runner or run_statistics)(
-                    path, names, self.sequences, prepack=not self.plan.config.low_memory)
+                    path, names, self.sequences, prepack=self.plan.prepack)
         finally:
             for _ in stat_outputs:
                 graph.outputs.pop()

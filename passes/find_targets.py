@@ -378,6 +378,8 @@ class FindTargetsPass(PlanPass):
         for value, targets in by_input.items():
             groups.append(self._group(value, targets, outputs_of))
         self.plan.groups = groups
+        self.plan.half_precision = any(t.weight.const_value.dtype == ir.DataType.FLOAT16
+                                       for t in self.plan.targets)
         return ir.passes.PassResult(model, modified=False)
 
     @staticmethod

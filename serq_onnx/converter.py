@@ -218,7 +218,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, scheme: str 
             if verify:
                 t = time.perf_counter()
                 verify_msg = str(checks.check_logits(model_path, out_model, check_seqs,
-                                                     config.scheme, prepack=not low_memory))
+                                                     config.scheme, prepack=plan.prepack))
                 timings["verify"] = time.perf_counter() - t
                 rss["verify"] = round(pipeline.peak_rss_mib(), 1)
             report = ConversionReport(
@@ -354,7 +354,8 @@ def fuse_attention_structure(model: ir.Model, model_path: Path):
 def _fuse_attention(model: ir.Model, model_path: Path, log, prepack: bool = True
                     ) -> tuple[ir.Model, str]:
     """The model with fused attention and what was done, or the model as it was and why not
-    (``prepack``: the check's sessions, compare.session_options)."""
+    (``prepack``: the check's sessions, compare.session_options; never for FP16 graphs,
+    as ``Plan.prepack``)."""
     fuse, nodes_before, why_not = fuse_attention_structure(model, model_path)
     if fuse is None:
         if nodes_before:  # the pass ran and recognised nothing
@@ -363,7 +364,7 @@ def _fuse_attention(model: ir.Model, model_path: Path, log, prepack: bool = True
     dtype = "float16" if fuse.dtype == ir.DataType.FLOAT16 else "float32"
     try:
         check = checks.check_attention_fusion(model_path, model, _vocab_size(model), dtype,
-                                              prepack=prepack)
+                                              prepack=prepack and dtype == "float32")
     except SerqError as err:
         log(f"attention stays as exported: {err}")
         original = load_model(model_path)

@@ -97,10 +97,10 @@ def _p(name: str) -> Callable[..., ir.passes.PassBase]:
 
 
 def _verify_fold(ctx: Context) -> ir.passes.PassBase:
-    fp16 = any(t.weight.const_value.dtype == ir.DataType.FLOAT16 for t in ctx.plan.targets)
+    fp16 = ctx.plan.half_precision
     return _p("VerifyFoldPass")(ctx.model_path, ctx.check_sequences,
                                 tolerance=FOLD_TOLERANCE["float16" if fp16 else "float32"],
-                                prepack=not ctx.plan.config.low_memory)
+                                prepack=ctx.plan.prepack)
 
 
 def _fold_purpose(cfg: ConvertConfig) -> str:

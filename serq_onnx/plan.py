@@ -234,10 +234,22 @@ class Plan:
     # Where the quantizers write each layer's packed weights (serq_onnx.packed_store), kept
     # by convert() until the output is saved; None: they stay in memory.
     packed_store: object | None = None
+    # Whether any linear layer's weight is FP16 (FindTargetsPass; a target's weight is its
+    # node's input, which ReplaceMatMulPass makes the packed codes).
+    half_precision: bool = False
 
     @property
     def targets(self) -> list[Target]:
         return [t for g in self.groups for t in g.targets]
+
+    @property
+    def prepack(self) -> bool:
+        """Whether the conversion's float onnxruntime sessions may copy the weights into their
+        prepacked layout (``compare.session_options``): not under ``low_memory``, nor for FP16
+        graphs, where onnxruntime's CPU provider would hold float32 copies of the weights
+        (twice the model; measured on an FP16 0.47B Llama: peak 4.0x its size, 2.0x without),
+        for forward passes 1.2-1.3x slower."""
+        return not (self.config.low_memory or self.half_precision)
 
     def gram_chunks(self) -> list[list[int]]:
         """The group indices of each Gram collection under ``config.gram_memory_mib``, in

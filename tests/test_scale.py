@@ -172,11 +172,17 @@ def test_sessions_without_prepacking_read_the_weights_where_the_file_maps_them(
     np.testing.assert_allclose(logits[False], logits[True], rtol=0, atol=1e-4)
 
 
-def test_low_memory_conversion_opens_every_float_session_without_prepacking(
-        tiny_llama_external, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, low_memory, prepacked", [
+    ("tiny_llama_external", True, False),  # --low-memory
+    ("tiny_llama_fp16", False, False),  # FP16: prepacking would copy its weights to float32
+    ("tiny_llama", False, True),  # float32 by default: prepacked, the faster sessions
+])
+def test_which_float_sessions_prepack(model, low_memory, prepacked, request, tmp_path,
+                                      monkeypatch):
     """Checks, calibration and the final verification: each float session under
-    ``low_memory`` maps its weights; only the converted model's sessions (SerqMatMul, whose
-    weights are already small) are the usual kind. Recorded in serq_config.json."""
+    ``low_memory`` or of an FP16 graph maps its weights as they are; only the converted
+    model's sessions (SerqMatMul, whose weights are already small) are the usual kind.
+    ``low_memory`` is recorded in serq_config.json."""
     import json
 
     from serq_onnx import compare
@@ -195,15 +201,19 @@ def test_low_memory_conversion_opens_every_float_session_without_prepacking(
 
     monkeypatch.setattr(compare, "cpu_session", cpu_session)
     monkeypatch.setattr(calibrate, "statistics_session", statistics_session)
+    path = request.getfixturevalue(model)
+    path = getattr(path, "onnx_path", path)
     ids = [np.arange(2, 66) % 300]
-    converter.convert(tiny_llama_external, tmp_path / "o", calib_ids=ids, low_memory=True, gram_memory_mib=0,
-                      progress=False, log=lambda *_: None)
+    converter.convert(path, tmp_path / "o", calib_ids=ids, low_memory=low_memory,
+                      gram_memory_mib=0, progress=False, log=lambda *_: None)
     kinds = {k for k, _ in opened}
     assert kinds == {"float", "calibration", "converted"}, opened
-    assert all(not prepack for kind, prepack in opened if kind != "converted"), opened
+    assert all(prepack is prepacked for kind, prepack in opened if kind != "converted"), \
+        str(opened)
+    assert all(prepack for kind, prepack in opened if kind == "converted"), opened
     assert sum(kind == "calibration" for kind, _ in opened) > 1  # the Gram chunk passes too
     config = json.loads((tmp_path / "o" / "serq_config.json").read_text())
-    assert config["config"]["low_memory"] is True
+    assert config["config"]["low_memory"] is low_memory
 
 
 def _anon_kib() -> int:
