@@ -33,22 +33,34 @@ def layer_hessian(gram: np.ndarray, tokens: int, s: np.ndarray, perm: np.ndarray
 
     ``H^[i, j] = H[perm[i], perm[j]] / (s[perm[i]] s[perm[j]]) / tokens``, float64 ``[K, K]``.
     """
-    inv = 1.0 / np.asarray(s, np.float64)
-    h = np.asarray(gram, np.float64) * inv[:, None] * inv[None, :] / max(int(tokens), 1)
     perm = np.asarray(perm, np.int64)
-    return h[np.ix_(perm, perm)]
+    inv = (1.0 / np.asarray(s, np.float64))[perm]
+    # Permuted first, in the Gram's dtype, then scaled in place: the same operations on each
+    # entry as scaling first, with one float64 K x K array alive instead of three.
+    h = np.asarray(gram)[np.ix_(perm, perm)].astype(np.float64)
+    h *= inv[:, None]
+    h *= inv[None, :]
+    h /= max(int(tokens), 1)
+    return h
 
 
-def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+def _inverse_cholesky_upper(h: list[np.ndarray]) -> np.ndarray:
     """Upper ``U`` with ``h^-1 = U^T U``: one Cholesky of the reversed ``h``, one triangular
-    inverse (``J L^-1 J`` for ``J h J = L L^T``), never forming ``h^-1`` itself."""
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    inv = np.tril(np.linalg.solve(lower, np.eye(h.shape[0])))
+    inverse (``J L^-1 J`` for ``J h J = L L^T``), never forming ``h^-1`` itself. ``h``: a list
+    holding the one reference to the Hessian, emptied once it is factored, so that at most
+    four float64 ``K x K`` arrays are alive at a time (the inverse's input, its two LAPACK
+    buffers and its result: 6 GiB at K = 14336)."""
+    lower = np.linalg.cholesky(h[0][::-1, ::-1])
+    h.clear()
+    inv = np.linalg.inv(lower)  # dgesv against the identity, as solve(lower, eye) does
+    del lower
+    for i in range(inv.shape[0] - 1):  # lower-triangular: clear the rounding above, in place
+        inv[i, i + 1:] = 0.0
     return np.ascontiguousarray(inv[::-1, ::-1])
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
-                  damp: float = 0.01, block: int = 128,
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray | list[np.ndarray], bits: int, group: int,
+                  *, damp: float = 0.01, block: int = 128,
                   search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of ``w: [K, N]`` (rows = input channels) against the input Hessian ``[K, K]``.
 
@@ -58,10 +70,16 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
     saw (zero diagonal) are rounded to nearest and exchange no error with the others; they are
     not zeroed as in the GPTQ paper, since other text may well use them. ``search`` picks each
     group's scale by ``reference.weight_scale``'s clipping search on the error-updated rows.
+    ``hessian`` given in a one-element list is the caller's to give up: it is modified and
+    freed once factored instead of copied (``run_job``; float64 ``K x K``, 1.5 GiB at
+    K = 14336).
     """
     W = np.array(w, dtype=np.float64)
     K, N = W.shape
-    H = np.array(hessian, dtype=np.float64)
+    if isinstance(hessian, list):
+        H = np.asarray(hessian.pop(), dtype=np.float64)
+    else:
+        H = np.array(hessian, dtype=np.float64)
     if H.shape != (K, K):
         raise SerqError(f"Hessian shape {H.shape} does not match the weight's K={K}")
     if not np.all(np.isfinite(H)):
@@ -72,8 +90,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
     H[:, dead] = 0
     H[diag[dead], diag[dead]] = 1
     H[diag, diag] += damp * H[diag, diag].mean()
+    held = [H]
+    del H
     try:
-        U = _inverse_cholesky_upper(H)
+        U = _inverse_cholesky_upper(held)
     except np.linalg.LinAlgError:
         raise SerqError(f"the GPTQ Hessian is not positive definite with dampening {damp}; "
                         "use a larger gptq_damp or more calibration text") from None
@@ -107,11 +127,15 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int, *,
 @dataclass(frozen=True)
 class GPTQJob:
     """One group's GPTQ: everything :func:`gptq_quantize` needs, nothing of the graph (so it
-    can run in another process)."""
+    can run in another process). The Hessian travels as its float32 Gram sums and the
+    flattening (``layer_hessian``): half the bytes, and made only where it is used."""
 
     name: str
     w: np.ndarray
-    hessian: np.ndarray
+    gram: np.ndarray
+    tokens: int
+    s: np.ndarray
+    perm: np.ndarray
     bits: int
     group: int
     damp: float
@@ -120,7 +144,8 @@ class GPTQJob:
 
 def run_job(job: GPTQJob) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, scales)`` of one group."""
-    return gptq_quantize(job.w, job.hessian, job.bits, job.group, damp=job.damp,
+    hessian = [layer_hessian(job.gram, job.tokens, job.s, job.perm)]
+    return gptq_quantize(job.w, hessian, job.bits, job.group, damp=job.damp,
                          search=job.search)
 
 
@@ -206,13 +231,12 @@ class GPTQPass(PlanPass):
         if group.gram is None or group.s is None or group.perm is None:
             raise SerqError(f"GPTQ for {group.name} needs calibration Gram matrices and the "
                             "flattening scales; run CalibratePass and FoldFlatteningPass first")
-        hessian = layer_hessian(group.gram, group.tokens, group.s, group.perm)
         w = np.concatenate([t.residual_f32() for t in group.targets], axis=1)
         bits_w = {t.layer_bits(cfg)[0] for t in group.targets}
         if len(bits_w) != 1:
             raise SerqError(f"{group.name}: layers reading one input must share weight bits")
-        return GPTQJob(group.name, w, hessian, bits_w.pop(), cfg.group_w, cfg.gptq_damp,
-                       cfg.weight_scale == "mse")
+        return GPTQJob(group.name, w, group.gram, group.tokens, group.s, group.perm,
+                       bits_w.pop(), cfg.group_w, cfg.gptq_damp, cfg.weight_scale == "mse")
 
     def _pack(self, group: InputGroup, codes: np.ndarray, scales: np.ndarray) -> None:
         cfg = self.plan.config

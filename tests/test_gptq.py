@@ -144,3 +144,30 @@ def test_calibration_gram_matches_torch(tiny_llama):
             want = hess["model." + t.name].numpy() * 64
             np.testing.assert_allclose(group.gram, want, rtol=1e-4,
                                        atol=1e-5 * np.abs(want).max())
+
+
+def test_a_group_job_holds_few_float64_hessian_copies():
+    """GPTQ's float64 ``K x K`` arrays dominate the sweep for wide layers (1.5 GiB each at
+    K = 14336): a job builds its Hessian from the float32 Gram sums, gives it up once factored
+    and never holds it beside a copy or an identity matrix. numpy arrays only (tracemalloc;
+    LAPACK's own buffers are not traced): at most three at once, where copying the Hessian and
+    solving against an identity held five."""
+    import tracemalloc
+
+    from serq_onnx.passes.gptq import GPTQJob, run_job
+
+    K, N = 768, 8
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1024, K)).astype(np.float32)
+    gram = (x.T @ x).astype(np.float32)
+    job = GPTQJob("g", rng.standard_normal((K, N)).astype(np.float32), gram, 1024,
+                  np.ones(K, np.float32), np.arange(K), 4, 128, 0.01, False)
+    tracemalloc.start()
+    try:
+        codes, _ = run_job(job)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    unit = K * K * 8
+    assert peak <= 3.2 * unit, peak / unit
+    assert codes.shape == (K, N)
