@@ -63,22 +63,28 @@ BASE_RSS = 150 * MIB
 # SmolLM2-135M (411 MiB for 39.8 M entries: 10.8 B) and over loading on the synthetic 0.47B
 # (4833 MiB for 479 M entries: 10.6 B), each sequence's set freed before the next runs.
 GRAM_PEAK_BYTES_PER_ENTRY = 11
-# The peak is the larger of two stages' (models/RESULTS-scale.md, sections 2 and 4). The float
-# checks and calibration: an onnxruntime session's copy of the weights (prepacked) beside the
-# converter's own arrays. MODEL_COPIES: from one .onnx file (its weights parsed into memory;
-# a synthetic 129 MiB Llama, 595 MiB peak); MODEL_COPIES_EXTERNAL: external data, the weights
-# mapped and the flattened ones computed when read (synthetic 0.47B and 1.47B Llamas: 1.46-1.51,
-# round to nearest); MODEL_COPIES_MAPPED: the same with --low-memory, whose sessions read the
-# weights where the file maps them (anonymous memory; the page cache holds the file once
-# more, and gives it back under pressure: 0.72 on the 0.47B). GPTQ's sweep: the Gram matrices
-# of one chunk beside GPTQ_STAGE_COPIES of the model (the chunk's session, the packed
-# weights, which grow through the sweep: 0.64 on the 1.47B in 2 chunks, 0.89 in 5; the larger
-# is taken; plus 1 from one file, whose parsed weights stay).
-MODEL_COPIES = 3.45
-MODEL_COPIES_EXTERNAL = 1.5
-MODEL_COPIES_MAPPED = 0.72
+GRAM_BYTES_HELD = 4  # the float32 sums alone, while GPTQ solves
+# The peak is the larger of two stages' (models/RESULTS-scale.md, sections 2, 4 and 5). The
+# float checks and calibration: an onnxruntime session's copy of the weights (prepacked) beside
+# the converter's own arrays, which hold about one layer's weights now that folded, flattened,
+# residual and packed weights are computed when read or written to disk as made.
+# MODEL_COPIES: from one .onnx file (its weights parsed into memory; the synthetic 0.47B,
+# round to nearest: 4685 MiB); MODEL_COPIES_EXTERNAL: external data (0.47B: 2239 MiB, 1.47B:
+# 6267 MiB); MODEL_COPIES_MAPPED: the same with --low-memory, whose sessions read the weights
+# where the file maps them (anonymous memory; the page cache holds the file once more and
+# gives it back under pressure: 0.47B, 619 MiB). GPTQ: the Gram matrices of one chunk beside
+# GPTQ_STAGE_COPIES of the model (the summing session's: 0.89 on the 0.47B with every Gram
+# matrix in calibration's pass, 6766 MiB; 0.10 anonymous with --low-memory), the larger of
+# summing them (GRAM_PEAK_BYTES_PER_ENTRY) and solving the widest group: its float32 Gram
+# beside four float64 K x K arrays (passes.gptq._inverse_cholesky_upper), GPTQ_SOLVE_BYTES
+# per K^2 (1 GiB at K = 8192, 6 GiB at Llama-3-8B's K = 14336). From one file, the parsed
+# weights stay (+1).
+MODEL_COPIES = 2.54
+MODEL_COPIES_EXTERNAL = 1.17
+MODEL_COPIES_MAPPED = 0.26
 GPTQ_STAGE_COPIES = 0.89
-GPTQ_STAGE_COPIES_MAPPED = 0.56  # --low-memory, anonymous (0.47B: 2562 MiB at 512 MiB)
+GPTQ_STAGE_COPIES_MAPPED = 0.10  # --low-memory, anonymous (0.47B: 1620 MiB at 512 MiB)
+GPTQ_SOLVE_BYTES = 32
 # --low-memory's forward passes: unprepacked GEMMs (0.47B, 256 tokens: 2.10 s against 1.65 s)
 LOW_MEMORY_FORWARD_FACTOR = 1.27
 
@@ -285,9 +291,10 @@ def _chunk_forward_flops(plan: Plan, chunks: list[list[int]]) -> float:
 
 
 def peak_bytes(model_bytes: int, external: bool, gram_entries: int, logits_bytes: int,
-               low_memory: bool = False) -> int:
+               low_memory: bool = False, widest_k: int = 0) -> int:
     """Peak resident bytes (anonymous, with ``low_memory``): the larger of the float stages'
-    and GPTQ's sweep's (``gram_entries``: the largest chunk's; 0 without GPTQ)."""
+    and GPTQ's sweep's (``gram_entries``: the largest chunk's; 0 without GPTQ; ``widest_k``:
+    the largest K of a group, whose solve holds float64 ``K x K`` arrays)."""
     if not external:
         checks, sweep = MODEL_COPIES, GPTQ_STAGE_COPIES + 1.0
     else:
@@ -295,7 +302,9 @@ def peak_bytes(model_bytes: int, external: bool, gram_entries: int, logits_bytes
                          (MODEL_COPIES_EXTERNAL, GPTQ_STAGE_COPIES))
     stage = checks * model_bytes
     if gram_entries:
-        stage = max(stage, sweep * model_bytes + GRAM_PEAK_BYTES_PER_ENTRY * gram_entries)
+        grams = max(GRAM_PEAK_BYTES_PER_ENTRY * gram_entries,
+                    GRAM_BYTES_HELD * gram_entries + GPTQ_SOLVE_BYTES * widest_k ** 2)
+        stage = max(stage, sweep * model_bytes + grams)
     return int(BASE_RSS + stage + logits_bytes)
 
 
@@ -325,10 +334,12 @@ def estimate(plan: Plan, tokens: int, seqlen: int, bytes_before: int, vocab: int
         secs["calibration"] *= LOW_MEMORY_FORWARD_FACTOR
     secs["other"] = bytes_before * OTHER_S_PER_BYTE * (1.0 if verify else 0.5)
     secs["total"] = sum(secs.values())
-    entries = 0
+    entries = widest = 0
     if cfg.weight_quant == "gptq":  # the largest chunk's (every group's when they fit)
         entries = max((sum(plan.groups[i].K ** 2 for i in c) for c in chunks), default=0)
-    peak = peak_bytes(bytes_before, external, entries, seqlen * vocab * 4, cfg.low_memory)
+        widest = max((g.K for g in plan.groups), default=0)
+    peak = peak_bytes(bytes_before, external, entries, seqlen * vocab * 4, cfg.low_memory,
+                      widest)
     return secs, peak
 
 

@@ -106,8 +106,12 @@ def test_estimate_reproduces_its_reference_conversion():
     _, peak_rtn = insp.estimate(plan, ref["tokens"], 512, ref["model_bytes"], 49152)
     logits, m = 512 * 49152 * 4, ref["model_bytes"]
     assert peak_rtn == int(insp.BASE_RSS + insp.MODEL_COPIES * m + logits)
-    sweep = (insp.GPTQ_STAGE_COPIES + 1) * m + insp.GRAM_PEAK_BYTES_PER_ENTRY * sum(
-        g.K ** 2 for g in plan.groups)
+    def grams(entries: int) -> int:  # summing them, or solving the widest group beside them
+        widest = max(g.K for g in plan.groups)
+        return max(insp.GRAM_PEAK_BYTES_PER_ENTRY * entries,
+                   insp.GRAM_BYTES_HELD * entries + insp.GPTQ_SOLVE_BYTES * widest ** 2)
+
+    sweep = (insp.GPTQ_STAGE_COPIES + 1) * m + grams(sum(g.K ** 2 for g in plan.groups))
     assert peak == max(peak_rtn, int(insp.BASE_RSS + sweep + logits))
     # external data: the stages' copies measured on the 0.47B and 1.47B Llamas
     assert insp.peak_bytes(m, True, 0, 0) == int(insp.BASE_RSS + insp.MODEL_COPIES_EXTERNAL * m)
@@ -118,10 +122,15 @@ def test_estimate_reproduces_its_reference_conversion():
     assert len(chunks) > 1
     _, peak_chunked = insp.estimate(plan, ref["tokens"], 512, 0, 49152)
     largest = max(sum(plan.groups[i].K ** 2 for i in c) for c in chunks)
-    assert peak_chunked == int(insp.BASE_RSS + insp.GRAM_PEAK_BYTES_PER_ENTRY * largest + logits)
+    assert peak_chunked == int(insp.BASE_RSS + grams(largest) + logits)
     big = 10 ** 9  # Gram entries enough for the sweep to be the peak
     assert insp.peak_bytes(m, True, big, 0) - insp.peak_bytes(m, True, big // 2, 0) == (
         insp.GRAM_PEAK_BYTES_PER_ENTRY * big // 2)
+    # a wide layer's solve (float64 K x K arrays) outweighs summing a chunk of narrow ones
+    wide = insp.peak_bytes(0, True, 10 ** 6, 0, widest_k=14336)
+    assert wide == int(insp.BASE_RSS + insp.GRAM_BYTES_HELD * 10 ** 6
+                       + insp.GPTQ_SOLVE_BYTES * 14336 ** 2)
+    assert wide > insp.peak_bytes(0, True, 10 ** 6, 0)
 
 
 def test_dry_run_writes_nothing_and_checks_the_output(tiny_llama, tmp_path, capsys):
