@@ -26,17 +26,17 @@ from collections.abc import Sequence
 from .errors import SerqError
 
 # The default budget (default_budget): a quarter of the float model's bytes, within these
-# bounds. Summing holds about 2.75x the budget (11 bytes per 4-byte entry, RESULTS-scale.md),
-# and GPTQ's sweep 0.64-0.89x the model besides, so a quarter keeps the sweep's peak near the
-# float checks' (1.5x the model; the 1.47B: 1.60x against 1.51x); for a Llama the Gram
-# matrices are about 1.2x its weights, so that is about five chunks, which cost little once
-# each pass starts where the one before stopped (float32 graphs). The floor keeps small models in one pass (SmolLM2-135M: 381 MiB of Gram
+# bounds. Summing holds about 2.75x the budget (11 bytes per 4-byte entry, RESULTS-scale.md)
+# and GPTQ's sweep at most 0.89x the model besides, so a quarter keeps the sweep near the
+# float checks' 1.17x; for a Llama the Gram matrices are about 1.2x its weights, so that is
+# about five chunks, which cost little once each pass starts where the one before stopped
+# (float32 graphs). The floor keeps small models in one pass (SmolLM2-135M: 381 MiB of Gram
 # matrices); the cap bounds the Gram term of large ones (an 8B: 30 GiB of them, 8 chunks).
 DEFAULT_GRAM_MEMORY_MIB = 4096.0
 GRAM_MEMORY_FLOOR_MIB = 512.0
 GRAM_MEMORY_MODEL_FRACTION = 0.25
-# With --low-memory the float checks hold 0.72x the model and the sweep 0.56x besides its Gram
-# matrices (0.47B Llama), so a sixteenth keeps the sweep below the checks there too.
+# With --low-memory the float checks hold 0.26x the model (anonymous) and the sweep 0.10x
+# besides its Gram matrices (0.47B Llama), so a sixteenth keeps the two near each other.
 GRAM_MEMORY_MODEL_FRACTION_LOW = 1 / 16
 GRAM_BYTES_PER_ENTRY = 4  # float32, as passes.calibrate.GRAM_DTYPE
 MIB = 1024 * 1024
